@@ -1,0 +1,27 @@
+"""magic_edu: learn MAGIC (Su et al. 2022, "Language Models Can See") by stepping through it.
+
+A language model proposes its top-k next tokens; CLIP re-ranks them by how well the text
+so far plus each token matches an image. Everything below is importable from here.
+"""
+
+from .decoding import (
+    Stepper,
+    contrastive_search,
+    greedy_search,
+    magic_search,
+    nucleus_sampling,
+    top_k_sampling,
+)
+from .errors import MagicEduError
+from .inputs import load_image
+from .models import ImageTextMatcher, LanguageModel
+from .scoring import degeneration_penalty, magic_score
+from .trace import Generation, StepRecord, Trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LanguageModel", "ImageTextMatcher", "Stepper", "Generation", "Trace", "StepRecord", "MagicEduError",
+    "greedy_search", "top_k_sampling", "nucleus_sampling", "contrastive_search", "magic_search",
+    "degeneration_penalty", "magic_score", "load_image",
+]

@@ -1,0 +1,299 @@
+"""Thin wrappers around the two models MAGIC plugs together.
+
+* :class:`LanguageModel`: a transformers causal LM of the GPT-2 family, its tokenizer,
+  its start token and the way a prompt becomes the prefix ids it was trained on.
+* :class:`ImageTextMatcher`: an open_clip model with its preprocessing and tokenizer.
+
+Decoding code only talks to these two classes, never to one checkpoint.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MagicEduError
+from .inputs import ImageLike, load_image
+
+DEFAULT_PROMPT_FORMAT = "{sos}{prompt}"
+STORY_PROMPT_FORMAT = "{prompt} {eos}"
+
+
+class LanguageModel:
+    """A causal LM plus what MAGIC needs to know about it.
+
+    * ``sos_token``: the start token put before every caption (``<-start_of_text->`` for the
+      paper's caption LMs); ``None`` means the tokenizer's BOS.
+    * ``prompt_format``: how a prompt becomes the prefix, with ``{sos}``, ``{eos}`` and
+      ``{prompt}`` placeholders. Default ``"{sos}{prompt}"``; the paper's story LM uses
+      ``"{prompt} {eos}"`` (a title, a space, EOS, and no start token).
+    * ``max_sentences``: if set, :meth:`output_text` keeps at most that many
+      '.'-separated sentences (the paper's story parser keeps five).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        sos_token: str | None = None,
+        prompt_format: str = DEFAULT_PROMPT_FORMAT,
+        max_sentences: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.prompt_format = prompt_format
+        self.max_sentences = max_sentences
+
+        self.sos_token = sos_token if sos_token is not None else tokenizer.bos_token
+        self.sos_token_id = self._token_id(self.sos_token, "sos_token") if self.sos_token is not None else None
+        if tokenizer.eos_token is None:
+            raise MagicEduError("tokenizer has no eos_token; MAGIC needs one to know where a caption ends")
+        self.eos_token = tokenizer.eos_token
+        self.eos_token_id = self._token_id(self.eos_token, "eos_token")
+        if "{sos}" in prompt_format and self.sos_token is None:
+            raise MagicEduError("prompt_format uses {sos} but the tokenizer has no BOS; pass sos_token=")
+
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        cfg = model.config
+        self.context_length = int(
+            getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None) or 1024
+        )
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._token_text_cache: dict[int, str] = {}
+
+    def _token_id(self, token: str, name: str) -> int:
+        ids = self.tokenizer.convert_tokens_to_ids([token])
+        unk = self.tokenizer.unk_token_id
+        if not ids or ids[0] is None or (ids[0] == unk and token != self.tokenizer.unk_token):
+            raise MagicEduError(
+                f"{name} {token!r} is not in the tokenizer's vocabulary; "
+                "LanguageModel.from_pretrained(..., sos_token=...) adds it"
+            )
+        return int(ids[0])
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        sos_token: str | None = None,
+        pad_token: str | None = None,
+        prompt_format: str = DEFAULT_PROMPT_FORMAT,
+        max_sentences: int | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **hub_kwargs: Any,
+    ) -> "LanguageModel":
+        """Load a causal LM and its tokenizer (hub id or local folder).
+
+        ``sos_token`` / ``pad_token`` are added with ``tokenizer.add_tokens`` when the
+        checkpoint lacks them (as the paper's code does), and the embeddings resized.
+        Never runs remote code; weights load as safetensors (or weights-only torch.load).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, trust_remote_code=False, dtype=dtype or torch.float32, **hub_kwargs
+        )
+        added = False
+        for token, attr in ((sos_token, None), (pad_token, "pad_token")):
+            if token is None:
+                continue
+            if token not in tokenizer.get_vocab():
+                tokenizer.add_tokens([token])
+                added = True
+            if attr:
+                tokenizer.pad_token = token
+        if added:
+            model.resize_token_embeddings(len(tokenizer))
+        if device is not None:
+            model.to(device)
+        return cls(model, tokenizer, sos_token=sos_token, prompt_format=prompt_format,
+                   max_sentences=max_sentences, name=name_or_path)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    # -- text <-> ids ---------------------------------------------------------------
+    def prefix_ids(self, prompt: str | None = None) -> list[int]:
+        """The ids before the first generated token: ``prompt_format`` filled in and tokenized."""
+        if prompt is not None and not isinstance(prompt, str):
+            raise MagicEduError(f"prompt must be a string or None; got {type(prompt).__name__}")
+        text = self.prompt_format.format(sos=self.sos_token or "", eos=self.eos_token, prompt=prompt or "")
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise MagicEduError("prompt: the prefix is empty; give a prompt or use a model with a start token")
+        return ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The tokenizer's plain ``decode`` (special tokens kept)."""
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def token_text(self, token_id: int) -> str:
+        """The text of one token as it would appear in a decoded string."""
+        return self.token_texts([token_id])[0]
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """The texts of several tokens (remembered, so a trace costs little)."""
+        missing = [i for i in dict.fromkeys(int(t) for t in token_ids) if i not in self._token_text_cache]
+        if missing:
+            texts = self.tokenizer.batch_decode([[i] for i in missing], skip_special_tokens=False,
+                                                clean_up_tokenization_spaces=False)
+            self._token_text_cache.update(zip(missing, texts))
+        return [self._token_text_cache[int(t)] for t in token_ids]
+
+    def output_text(self, generated_ids: Sequence[int]) -> str:
+        """The reference's output parser: drop start tokens, cut at the first EOS,
+        decode, collapse whitespace (and keep at most ``max_sentences`` sentences)."""
+        ids = [int(i) for i in generated_ids if int(i) != self.sos_token_id]
+        if self.eos_token_id in ids:
+            ids = ids[: ids.index(self.eos_token_id)]
+        text = " ".join(self.decode(ids).split())
+        if self.max_sentences is not None:
+            text = keep_sentences(text, self.max_sentences)
+        return text
+
+    def clip_text(self, ids: Sequence[int]) -> str:
+        """The text CLIP sees for ``ids``: ``decode``, cut at the EOS string."""
+        return self.decode(ids).split(self.eos_token, 1)[0]
+
+    # -- the forward ------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: Any = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One forward: (logits, last-layer hidden states, cache), all positions.
+
+        The hidden states are transformers' ``hidden_states[-1]`` (after the final layer norm),
+        the ``h`` of the paper's degeneration penalty.
+        """
+        kwargs = {self._cache_kwarg: cache, "use_cache": True, "output_hidden_states": True}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        out = self.model(input_ids=input_ids, **kwargs)
+        new_cache = getattr(out, "cache", None) if self._cache_kwarg == "cache" else out.past_key_values
+        return out.logits, out.hidden_states[-1], new_cache
+
+
+def keep_sentences(text: str, n: int) -> str:
+    """Keep at most ``n`` '.'-separated sentences of ``text`` (the paper's story parser)."""
+    parts = text.split(".")
+    if len(parts) - 1 <= n:  # n or fewer full stops
+        return text
+    return ".".join(parts[:n]).strip() + "."
+
+
+class ImageTextMatcher:
+    """An open_clip model as an image-text matcher.
+
+    ``text_scores(e, texts) = softmax_i(logit_scale * cos(e, CLIP_text(texts[i])))``.
+    Texts are encoded only up to the longest one's token length instead of open_clip's
+    fixed 77: exact, because CLIP's text tower is causal and pools the end-of-text token,
+    and several times cheaper.
+    """
+
+    def __init__(self, model: torch.nn.Module, preprocess: Any, tokenizer: Any, name: str | None = None) -> None:
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name or type(model).__name__
+        self.logit_scale = float(model.logit_scale.exp().item())
+        self._tower = _causal_text_tower(model)
+
+    @classmethod
+    def from_pretrained(
+        cls, model_name: str, pretrained: str | None = None, device: str | torch.device | None = None, **kwargs: Any
+    ) -> "ImageTextMatcher":
+        """Create from open_clip names (``"ViT-B-32-quickgelu", pretrained="openai"``) or
+        ``hf-hub:org/repo`` / ``local-dir:/path`` ids."""
+        import open_clip
+
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device or "cpu", **kwargs
+        )
+        tokenizer = open_clip.get_tokenizer(model_name)
+        name = model_name if pretrained is None else f"{model_name}/{pretrained}"
+        return cls(model, preprocess, tokenizer, name=name)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def embed_image(self, image: ImageLike | Sequence[ImageLike]) -> torch.Tensor:
+        """L2-normalised image embedding: (d,) for one image, (n, d) for a list."""
+        single = not isinstance(image, (list, tuple))
+        images = [image] if single else list(image)
+        pixels = torch.stack([self.preprocess(load_image(im)) for im in images]).to(self.device)
+        dtype = next(self.model.parameters()).dtype
+        emb = F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
+        return emb[0] if single else emb
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """open_clip token ids, trimmed to the longest text (exact for causal towers)."""
+        ids = self.tokenizer(list(texts))
+        if self._tower is not None:
+            used = (ids != 0).any(dim=0).nonzero()
+            ids = ids[:, : int(used.max()) + 1] if len(used) else ids[:, :1]
+        return ids.to(self.device)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings, (n, d)."""
+        ids = self.tokenize(texts)
+        if self._tower is None:
+            return F.normalize(self.model.encode_text(ids).float(), dim=-1)
+        return F.normalize(_encode_text_trimmed(self._tower, ids).float(), dim=-1)
+
+    def text_cosines(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """cos(image, text) for every text: (n,) for one image embedding (d,)."""
+        return self.embed_texts(texts) @ image_embedding.to(self.device).float()
+
+    def text_scores(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """softmax over the texts of logit_scale x cos(image, text)."""
+        return torch.softmax(self.logit_scale * self.text_cosines(image_embedding, texts), dim=-1)
+
+
+def _causal_text_tower(model: torch.nn.Module) -> Any:
+    """The module holding open_clip's causal text transformer, or None when the text tower
+    is of another kind (then texts are encoded at full context length, which is always exact)."""
+    tower = getattr(model, "text", model)
+    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
+    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
+    if not all(hasattr(tower, a) for a in needed) or getattr(tower, "attn_mask", None) is None:
+        return None
+    if pool != "argmax" or getattr(tower, "cls_emb", None) is not None:
+        return None
+    return tower
+
+
+def _encode_text_trimmed(tower: Any, ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's text encoder on ids of any length L <= context length (causal mask cut to L x L)."""
+    n = ids.shape[1]
+    cast_dtype = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(ids).to(cast_dtype) + tower.positional_embedding[:n].to(cast_dtype)
+    x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
+    x = tower.ln_final(x)
+    x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+    proj = tower.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
