@@ -15,6 +15,8 @@ from .decoding import (
 from .errors import MagicEduError
 from .inputs import load_image
 from .models import ImageTextMatcher, LanguageModel
+from .photos import list_sample_photos, load_sample_photo, load_user_image
+from .presets import ModelNotDownloadedError, ModelSet, list_presets, load_models
 from .scoring import degeneration_penalty, magic_score
 from .trace import Generation, StepRecord, Trace
 
@@ -24,4 +26,6 @@ __all__ = [
     "LanguageModel", "ImageTextMatcher", "Stepper", "Generation", "Trace", "StepRecord", "MagicEduError",
     "greedy_search", "top_k_sampling", "nucleus_sampling", "contrastive_search", "magic_search",
     "degeneration_penalty", "magic_score", "load_image",
+    "load_models", "list_presets", "ModelSet", "ModelNotDownloadedError",
+    "list_sample_photos", "load_sample_photo", "load_user_image",
 ]

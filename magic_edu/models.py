@@ -157,9 +157,10 @@ class LanguageModel:
     def output_text(self, generated_ids: Sequence[int]) -> str:
         """The reference's output parser: drop start tokens, cut at the first EOS,
         decode, collapse whitespace (and keep at most ``max_sentences`` sentences)."""
-        ids = [int(i) for i in generated_ids if int(i) != self.sos_token_id]
-        if self.eos_token_id in ids:
+        ids = [int(i) for i in generated_ids]
+        if self.eos_token_id in ids:  # cut first: GPT-2's start token is its EOS
             ids = ids[: ids.index(self.eos_token_id)]
+        ids = [i for i in ids if i != self.sos_token_id]
         text = " ".join(self.decode(ids).split())
         if self.max_sentences is not None:
             text = keep_sentences(text, self.max_sentences)

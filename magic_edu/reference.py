@@ -21,7 +21,8 @@ def magic_reference(
     """The generated ids of MAGIC search (Su et al. 2022, Eq. 3); contrastive search if clip is None."""
     prefix = lm.prefix_ids(prompt)
     if clip is not None:
-        image_embedding = F.normalize(clip.model.encode_image(clip.preprocess(image)[None].to(clip.device)), dim=-1)[0]
+        pixels = clip.preprocess(image)[None].to(clip.device, next(clip.model.parameters()).dtype)
+        image_embedding = F.normalize(clip.model.encode_image(pixels), dim=-1)[0]
     generated: list[int] = []
     for _ in range(max_new_tokens):
         out = lm.model(torch.tensor([prefix + generated], device=lm.device), output_hidden_states=True)
