@@ -1,0 +1,153 @@
+"""The model wrappers and input checking."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from magic_edu import LanguageModel, MagicEduError, load_image, magic_search
+from magic_edu.models import keep_sentences
+
+from conftest import make_image
+
+
+# -- ImageTextMatcher --------------------------------------------------------------------
+def test_trimmed_text_encoding_equals_open_clips_full_context(tiny_clip):
+    texts = ["a red circle", "", "there is a green triangle next to a yellow star on the left", "ok"]
+    trimmed = tiny_clip.embed_texts(texts)
+    full = F.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(texts)), dim=-1)
+    assert tiny_clip.tokenize(texts).shape[1] < 77
+    assert torch.allclose(trimmed, full, atol=1e-5)
+
+
+def test_text_scores_is_a_softmax_of_scaled_cosines(tiny_clip):
+    image = make_image(0)
+    emb = tiny_clip.embed_image(image)
+    assert emb.shape == (32,) and abs(emb.norm().item() - 1) < 1e-5
+    texts = ["a", "a red", "a red circle"]
+    raw = F.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(texts)), dim=-1) @ emb
+    expected = torch.softmax(tiny_clip.model.logit_scale.exp() * raw, dim=0)
+    assert torch.allclose(tiny_clip.text_scores(emb, texts), expected, atol=1e-5)
+    assert torch.allclose(tiny_clip.text_cosines(emb, texts), raw, atol=1e-5)
+
+
+def test_embed_image_of_a_list(tiny_clip):
+    imgs = [make_image(s) for s in range(3)]
+    batch = tiny_clip.embed_image(imgs)
+    assert batch.shape == (3, 32)
+    assert torch.allclose(batch[1], tiny_clip.embed_image(imgs[1]), atol=1e-5)
+
+
+# -- LanguageModel -----------------------------------------------------------------------
+def test_hidden_states_are_after_the_final_layer_norm(tiny_lm):
+    ids = torch.tensor([tiny_lm.prefix_ids("a red circle")])
+    logits, hidden, cache = tiny_lm.forward(ids)
+    assert torch.allclose(hidden, tiny_lm.model.transformer(ids).last_hidden_state, atol=1e-6)
+    assert torch.allclose(logits, tiny_lm.model.lm_head(hidden), atol=1e-5)
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_prefix_is_start_token_then_prompt(tiny_lm):
+    sos = tiny_lm.sos_token_id
+    assert tiny_lm.prefix_ids(None) == [sos]
+    prompt_ids = tiny_lm.tokenizer("a red circle", add_special_tokens=False)["input_ids"]
+    assert tiny_lm.prefix_ids("a red circle") == [sos] + prompt_ids
+
+
+def test_story_prefix_format(tiny_lm):
+    story = LanguageModel(tiny_lm.model, tiny_lm.tokenizer, sos_token=tiny_lm.sos_token,
+                          prompt_format="{prompt} {eos}", max_sentences=5)
+    ids = story.prefix_ids("The red ball")
+    assert ids == tiny_lm.tokenizer("The red ball " + tiny_lm.eos_token, add_special_tokens=False)["input_ids"]
+    assert ids[-1] == story.eos_token_id and tiny_lm.sos_token_id not in ids
+
+
+def test_sos_defaults_to_bos_and_must_exist(tiny_lm):
+    plain = LanguageModel(tiny_lm.model, tiny_lm.tokenizer)
+    assert plain.sos_token == tiny_lm.tokenizer.bos_token
+    with pytest.raises(MagicEduError, match="sos_token"):
+        LanguageModel(tiny_lm.model, tiny_lm.tokenizer, sos_token="<-never-seen->")
+
+
+def test_output_text_when_start_token_is_eos(tiny_lm):
+    """GPT-2's BOS is its EOS: the parser must still cut at the first generated EOS."""
+    plain = LanguageModel(tiny_lm.model, tiny_lm.tokenizer)
+    assert plain.sos_token_id == plain.eos_token_id
+    a = tiny_lm.tokenizer("a red", add_special_tokens=False)["input_ids"]
+    b = tiny_lm.tokenizer(" star", add_special_tokens=False)["input_ids"]
+    assert plain.output_text(a + [plain.eos_token_id] + b) == "a red"
+
+
+def test_keep_sentences():
+    assert keep_sentences("One. Two. Three.", 5) == "One. Two. Three."
+    assert keep_sentences("A. B. C. D. E. F. G.", 5) == "A. B. C. D. E."
+    assert keep_sentences("no full stop", 2) == "no full stop"
+
+
+def test_from_pretrained_adds_missing_tokens(tiny_lm, tmp_path):
+    from magic_edu.random_models import byte_level_tokenizer, random_language_model
+
+    lm = random_language_model(sos_token=None, tokenizer=byte_level_tokenizer())
+    lm.model.save_pretrained(tmp_path)
+    lm.tokenizer.save_pretrained(tmp_path)
+    n = lm.vocab_size
+    loaded = LanguageModel.from_pretrained(str(tmp_path), sos_token="<-start_of_text->", pad_token="<-pad->")
+    assert loaded.vocab_size == n + 2 and len(loaded.tokenizer) == n + 2
+    assert loaded.prefix_ids(None) == [loaded.sos_token_id]
+    assert loaded.tokenizer.pad_token == "<-pad->"
+    again = LanguageModel.from_pretrained(str(tmp_path), sos_token="<|endoftext|>")
+    assert again.vocab_size == n  # nothing added when the token exists
+
+
+# -- images ------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "F", "1"])
+def test_any_pil_mode_becomes_rgb(mode, tiny_lm, tiny_clip):
+    base = make_image(0)
+    img = base.convert("L").convert(mode) if mode in ("I;16", "I", "F") else base.convert(mode)
+    out = load_image(img)
+    assert out.mode == "RGB" and out.size == base.size
+
+
+def test_transparency_goes_on_white():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert load_image(img).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_image_from_path_array_and_tensor(tmp_path):
+    img = make_image(1)
+    img.save(tmp_path / "x.png")
+    arr = np.array(img)
+    for source in (tmp_path / "x.png", str(tmp_path / "x.png"), arr, torch.from_numpy(arr),
+                   torch.from_numpy(arr).permute(2, 0, 1), torch.from_numpy(arr).permute(2, 0, 1).float() / 255):
+        assert np.array_equal(np.asarray(load_image(source)), arr)
+
+
+def test_decoders_accept_every_image_kind(tiny_lm, tiny_clip, tmp_path):
+    img = make_image(2)
+    img.save(tmp_path / "x.png")
+    base = magic_search(tiny_lm, tiny_clip, img, k=4, alpha=0.2, beta=1.0, max_new_tokens=4).token_ids
+    for source in (tmp_path / "x.png", np.asarray(img), torch.from_numpy(np.asarray(img)), img.convert("RGBA")):
+        assert magic_search(tiny_lm, tiny_clip, source, k=4, alpha=0.2, beta=1.0, max_new_tokens=4).token_ids == base
+
+
+def test_bad_images_are_named(tmp_path, tiny_lm, tiny_clip):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    buf = io.BytesIO()
+    make_image(0).save(buf, "PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:60])
+    cases = {tmp_path / "missing.png": "no such file", tmp_path / "empty.png": "empty",
+             tmp_path / "corrupt.png": "not a readable image", tmp_path / "cut.png": "not a readable image",
+             tmp_path: "folder"}
+    for path, words in cases.items():
+        with pytest.raises(MagicEduError, match=f"image.*{words}"):
+            magic_search(tiny_lm, tiny_clip, path, k=3, alpha=0.1, beta=1.0, max_new_tokens=2)
+    for bad in (np.zeros((4, 4, 5), np.uint8), np.zeros((0, 4, 3), np.uint8), np.full((4, 4, 3), 7.0),
+                torch.full((3, 4, 4), 2.0), 42):
+        with pytest.raises(MagicEduError, match="image"):
+            load_image(bad)
