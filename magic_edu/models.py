@@ -218,6 +218,7 @@ class ImageTextMatcher:
         self.name = name or type(model).__name__
         self.logit_scale = float(model.logit_scale.exp().item())
         self._tower = _causal_text_tower(model)
+        self._blocks = _plain_blocks(self._tower) if self._tower is not None else None
 
     @classmethod
     def from_pretrained(
@@ -259,10 +260,28 @@ class ImageTextMatcher:
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """L2-normalised text embeddings, (n, d)."""
-        ids = self.tokenize(texts)
+        return self.embed_text_groups([texts])[0]
+
+    @torch.no_grad()
+    def embed_text_groups(self, groups: Sequence[Sequence[str]]) -> torch.Tensor:
+        """L2-normalised embeddings of G groups of n texts each: (G, n, d).
+
+        MAGIC's k candidate texts at one step share a long token prefix (the caption so far).
+        CLIP's text tower is causal, so that prefix is encoded once per group and each text only
+        runs its own few last tokens on top of it: exact, and several times cheaper.
+        """
+        sizes = {len(g) for g in groups}
+        if len(sizes) != 1 or 0 in sizes:
+            raise MagicEduError("groups: every group must hold the same number (>= 1) of texts")
+        n = sizes.pop()
+        ids = self.tokenize([t for g in groups for t in g])
         if self._tower is None:
-            return F.normalize(self.model.encode_text(ids).float(), dim=-1)
-        return F.normalize(_encode_text_trimmed(self._tower, ids).float(), dim=-1)
+            emb = self.model.encode_text(ids)
+        elif self._blocks is None:
+            emb = _encode_text_trimmed(self._tower, ids)
+        else:
+            emb = _encode_text_shared_prefix(self._tower, self._blocks, ids.view(len(groups), n, -1))
+        return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(len(groups), n, -1)
 
     def text_cosines(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """cos(image, text) for every text: (n,) for one image embedding (d,)."""
@@ -294,6 +313,64 @@ def _encode_text_trimmed(tower: Any, ids: torch.Tensor) -> torch.Tensor:
     x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
     x = tower.ln_final(x)
     x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+    proj = tower.text_projection
+    if proj is None:
+        return x
+    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+
+
+def _plain_blocks(tower: Any) -> list[Any] | None:
+    """The text tower's residual blocks if all are open_clip's plain pre-norm blocks with
+    nn.MultiheadAttention (every CLIP text tower), else None (then no prefix sharing)."""
+    transformer = tower.transformer
+    blocks = list(getattr(transformer, "resblocks", []))
+    plain = blocks and getattr(transformer, "batch_first", False) and all(
+        isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention) and not hasattr(b, "ln_1_kv")
+        and b.attn._qkv_same_embed_dim and b.attn.in_proj_bias is not None for b in blocks
+    )
+    return blocks if plain else None
+
+
+def _attend(block: Any, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor):
+    """One open_clip residual block on x (B, S, d), attending to ``past`` keys/values
+    (B, h, P, d_h) before it. Returns (new x, this block's keys and values of x)."""
+    attn = block.attn
+    b, s, d = x.shape
+    h = attn.num_heads
+    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.view(b, s, h, d // h).transpose(1, 2) for t in (q, k, v))
+    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    out = F.linear(out.transpose(1, 2).reshape(b, s, d), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(out)
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x, (k, v)
+
+
+def _encode_text_shared_prefix(tower: Any, blocks: list[Any], ids: torch.Tensor) -> torch.Tensor:
+    """open_clip's text encoder on G groups of n token rows (G, n, L), each group's common
+    token prefix encoded once. Exact: the tower is causal and pools the end-of-text token."""
+    g, n, length = ids.shape
+    eot = ids.argmax(dim=-1)  # (G, n): the end-of-text position of every row
+    same = (ids == ids[:, :1]).all(dim=1).all(dim=0)  # (L,): positions equal within every group
+    differ = (~same).nonzero()
+    p = int(differ[0]) if len(differ) else length
+    p = max(1, min(p, int(eot.min())))  # every row keeps at least its end-of-text token after the prefix
+    cast = tower.transformer.get_cast_dtype()
+    pos = tower.positional_embedding.to(cast)
+    prefix = tower.token_embedding(ids[:, 0, :p]).to(cast) + pos[:p]  # (G, p, d)
+    suffix = tower.token_embedding(ids[:, :, p:].reshape(g * n, -1)).to(cast) + pos[p:length]  # (G n, S, d)
+    s = length - p
+    causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
+    # suffix queries see the whole prefix and the causal part of their own suffix
+    suffix_mask = torch.cat([torch.ones(s, p, dtype=torch.bool, device=ids.device),
+                             torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()], dim=1)
+    for block in blocks:
+        prefix, (k, v) = _attend(block, prefix, None, causal)
+        past = (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0))
+        suffix, _ = _attend(block, suffix, past, suffix_mask)
+    x = tower.ln_final(suffix)
+    x = x[torch.arange(g * n, device=x.device), (eot.reshape(-1) - p)]
     proj = tower.text_projection
     if proj is None:
         return x

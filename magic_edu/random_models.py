@@ -105,3 +105,40 @@ def random_clip(folder: str | Path, seed: int = 0, **config: Any) -> ImageTextMa
     """A random open_clip model, saved to ``folder`` and loaded back through ``local-dir:``."""
     path = save_random_clip(folder, seed=seed, **config)
     return ImageTextMatcher.from_pretrained(f"local-dir:{path.resolve()}")
+
+
+# -- paper-sized architectures, for benchmarks ---------------------------------------------
+def word_tokenizer(n_tokens: int = 50257) -> Any:
+    """A word-level tokenizer of ``n_tokens`` English words and word pieces, taken from
+    CLIP's own BPE vocabulary (so the texts CLIP scores are as long as real ones), with
+    ``<|endoftext|>`` as BOS, EOS and UNK."""
+    import open_clip
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words: dict[str, int] = {EOS: 0}
+    for piece in open_clip.get_tokenizer("ViT-B-32-quickgelu").encoder:
+        word = piece[:-4] if piece.endswith("</w>") else piece
+        if word.isalpha() and word not in words:
+            words[word] = len(words)
+        if len(words) == n_tokens:
+            break
+    tok = Tokenizer(models.WordLevel(words, unk_token=EOS))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)
+
+
+def gpt2_small(seed: int = 0, sos_token: str | None = "<-start_of_text->") -> LanguageModel:
+    """GPT-2 small's architecture (12 layers, width 768, 124 M parameters) with random weights."""
+    return random_language_model(n_layer=12, n_embd=768, n_head=12, n_positions=1024, seed=seed,
+                                 sos_token=sos_token, tokenizer=word_tokenizer(50256), initializer_range=0.02)
+
+
+def clip_vit_b32(seed: int = 0) -> ImageTextMatcher:
+    """CLIP ViT-B/32's architecture (open_clip ``ViT-B-32-quickgelu``) with random weights."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32-quickgelu", pretrained=None)
+    return ImageTextMatcher(model, preprocess, open_clip.get_tokenizer("ViT-B-32-quickgelu"),
+                            name="ViT-B-32-quickgelu/random")

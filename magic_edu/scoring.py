@@ -70,8 +70,7 @@ class ClipScorer:
     ) -> tuple[list[list[str]], torch.Tensor, torch.Tensor]:
         """(texts, cosines (B, k), clip scores (B, k))."""
         texts = self.texts(generated, candidate_ids)
-        b, k = candidate_ids.shape
-        text_emb = self.clip.embed_texts([t for row in texts for t in row]).view(b, k, -1)
+        text_emb = self.clip.embed_text_groups(texts)  # (B, k, d); each row's shared prefix encoded once
         cosines = (text_emb.double() @ self.image_embeddings.double().unsqueeze(-1)).squeeze(-1)
         cosines = cosines.to(candidate_ids.device)
         return texts, cosines, torch.softmax(self.clip.logit_scale * cosines, dim=-1)

@@ -151,3 +151,26 @@ def test_bad_images_are_named(tmp_path, tiny_lm, tiny_clip):
                 torch.full((3, 4, 4), 2.0), 42):
         with pytest.raises(MagicEduError, match="image"):
             load_image(bad)
+
+
+def test_shared_prefix_encoding_equals_open_clips_full_context(tiny_clip):
+    """MAGIC's candidate texts share the caption so far; encoding that prefix once is exact."""
+    groups = [["a red circle", "a red circ", "a red circle on the", "a red"],
+              ["the blue", "the blue star", "the bl", "something else entirely"],
+              ["x", "x", "x", "x"]]
+    shared = tiny_clip.embed_text_groups(groups)
+    flat = [t for g in groups for t in g]
+    full = F.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(flat)), dim=-1).view(3, 4, -1)
+    assert shared.shape == (3, 4, 32)
+    assert torch.allclose(shared, full, atol=1e-5)
+    with pytest.raises(MagicEduError, match="groups"):
+        tiny_clip.embed_text_groups([["a"], ["b", "c"]])
+
+
+def test_text_towers_without_prefix_sharing_fall_back_exactly(tiny_clip):
+    from magic_edu import ImageTextMatcher
+
+    plain = ImageTextMatcher(tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer)
+    plain._blocks = None  # as for a text tower of another kind: trimmed ids, open_clip's own blocks
+    texts = ["a red circle", "a red"]
+    assert torch.allclose(plain.embed_texts(texts), tiny_clip.embed_texts(texts), atol=1e-5)
