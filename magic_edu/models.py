@@ -275,13 +275,18 @@ class ImageTextMatcher:
             raise MagicEduError("groups: every group must hold the same number (>= 1) of texts")
         n = sizes.pop()
         ids = self.tokenize([t for g in groups for t in g])
+        return self._encode_ids(ids.view(len(groups), n, -1))
+
+    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """The text tower's forward on token ids (G, n, L): normalised (G, n, d)."""
+        g, n, length = ids.shape
         if self._tower is None:
-            emb = self.model.encode_text(ids)
+            emb = self.model.encode_text(ids.view(g * n, length))
         elif self._blocks is None:
-            emb = _encode_text_trimmed(self._tower, ids)
+            emb = _encode_text_trimmed(self._tower, ids.view(g * n, length))
         else:
-            emb = _encode_text_shared_prefix(self._tower, self._blocks, ids.view(len(groups), n, -1))
-        return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(len(groups), n, -1)
+            emb = _encode_text_shared_prefix(self._tower, self._blocks, ids)
+        return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(g, n, -1)
 
     def text_cosines(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """cos(image, text) for every text: (n,) for one image embedding (d,)."""

@@ -1,0 +1,249 @@
+"""Speed benchmarks: ``magic-edu bench`` prints them (figures, not timed tests).
+
+For every decoder: milliseconds per token and per caption; for MAGIC the share of time
+inside the LM and CLIP forwards, the cost of recording the trace, the gain of encoding the
+candidates' shared CLIP prefix once, the extra cost over contrastive search, batch
+throughput, and one interactive step's latency. Models: the toy world, and GPT-2-small +
+CLIP ViT-B/32 architectures with random weights (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from PIL import Image
+
+from .decoding import Stepper
+from .models import ImageTextMatcher, LanguageModel
+
+
+@dataclass
+class Timing:
+    label: str
+    seconds: float  # median wall time of one call
+    tokens: int  # tokens generated per call (all rows)
+    captions: int  # captions per call
+    lm_s: float = 0.0  # of which inside the LM forward
+    clip_s: float = 0.0  # of which inside CLIP forwards
+
+    @property
+    def ms_per_caption(self) -> float:
+        return 1000 * self.seconds / self.captions
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * self.seconds / max(1, self.tokens)
+
+    @property
+    def model_share(self) -> float:
+        return (self.lm_s + self.clip_s) / self.seconds
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def forward_timers(lm: LanguageModel, clip: ImageTextMatcher | None) -> Iterator[dict[str, float]]:
+    """Accumulate the time spent inside the LM forward and the CLIP forwards."""
+    spent = {"lm": 0.0, "clip": 0.0}
+    patched: list[tuple[Any, str, Any]] = []
+
+    def wrap(obj: Any, name: str, key: str, device: torch.device) -> None:
+        original = getattr(obj, name)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            _sync(device)
+            t = time.perf_counter()
+            out = original(*args, **kwargs)
+            _sync(device)
+            spent[key] += time.perf_counter() - t
+            return out
+
+        patched.append((obj, name, original))
+        setattr(obj, name, timed)
+
+    wrap(lm, "forward", "lm", lm.device)
+    if clip is not None:
+        # the CLIP forwards proper (tokenisation stays outside, it is glue)
+        wrap(clip, "_encode_ids", "clip", clip.device)
+        wrap(clip.model, "encode_image", "clip", clip.device)
+    try:
+        yield spent
+    finally:
+        for obj, name, original in reversed(patched):
+            if name in obj.__dict__:
+                delattr(obj, name)
+            else:  # pragma: no cover
+                setattr(obj, name, original)
+
+
+def time_decode(label: str, run: Callable[[], list], lm: LanguageModel, clip: ImageTextMatcher | None,
+                repeats: int = 3) -> Timing:
+    """Median of ``repeats`` runs (after one warm-up) of ``run`` (returns Generations)."""
+    run()
+    results = []
+    for _ in range(repeats):
+        with forward_timers(lm, clip) as spent:
+            _sync(lm.device)
+            t = time.perf_counter()
+            gens = run()
+            _sync(lm.device)
+            elapsed = time.perf_counter() - t
+        results.append((elapsed, spent["lm"], spent["clip"], gens))
+    results.sort(key=lambda r: r[0])
+    elapsed, lm_s, clip_s, gens = results[len(results) // 2]
+    return Timing(label, elapsed, sum(len(g.token_ids) for g in gens), len(gens), lm_s, clip_s)
+
+
+def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: tuple[int, ...], tokens: int,
+                 k: int = 45, alpha: float = 0.1, beta: float = 2.0, repeats: int = 3,
+                 reference: bool = False) -> list[Timing]:
+    """Every decoder at batch 1, MAGIC at every batch size, and MAGIC's variants."""
+    images = [Image.new("RGB", (224, 224), (40 + 30 * i % 200, 80, 220 - 10 * i % 200)) for i in range(max(batches))]
+    common = dict(max_new_tokens=tokens, stop_at_eos=False)
+
+    def decode(decoder: str, batch: int = 1, record: bool = True, **kw: Any) -> Callable[[], list]:
+        def run() -> list:
+            if decoder == "magic":
+                return Stepper(lm, "magic", clip=clip, image=images[:batch], k=k, alpha=alpha, beta=beta,
+                               record=record, **common, **kw).run()
+            return Stepper(lm, decoder, k=kw.pop("k", k), alpha=alpha, seed=0, record=record, **common, **kw).run()
+        return run
+
+    out = [
+        time_decode(f"{name} greedy", decode("greedy"), lm, None, repeats),
+        time_decode(f"{name} top-k sampling (k=40)", decode("top_k", k=40), lm, None, repeats),
+        time_decode(f"{name} nucleus sampling (p=0.95)", decode("nucleus", p=0.95), lm, None, repeats),
+        time_decode(f"{name} contrastive (k={k})", decode("contrastive"), lm, None, repeats),
+        time_decode(f"{name} MAGIC (k={k})", decode("magic"), lm, clip, repeats),
+        time_decode(f"{name} MAGIC, no trace", decode("magic", record=False), lm, clip, repeats),
+    ]
+    blocks = clip._blocks
+    clip._blocks = None  # every candidate text encoded in full (trimmed to the longest)
+    try:
+        out.append(time_decode(f"{name} MAGIC, no CLIP prefix sharing", decode("magic"), lm, clip, repeats))
+    finally:
+        clip._blocks = blocks
+    for b in batches:
+        if b > 1:
+            out.append(time_decode(f"{name} MAGIC batch {b}", decode("magic", batch=b), lm, clip, repeats))
+    if reference:
+        from .reference import magic_reference
+        from .trace import Generation, Trace
+
+        def ref() -> list:
+            ids = magic_reference(lm, clip, images[0], k=k, alpha=alpha, beta=beta, max_new_tokens=tokens,
+                                  stop_at_eos=False)
+            return [Generation("", ids, Trace({}, [], []))]
+        out.append(time_decode(f"{name} reference loop (no cache, no batching)", ref, lm, clip, 1))
+    return out
+
+
+def step_latency(lm: LanguageModel, clip: ImageTextMatcher, k: int, alpha: float, beta: float,
+                 steps: int = 10) -> float:
+    """Median ms of one interactive MAGIC step (Stepper.step with its trace record)."""
+    s = Stepper(lm, "magic", clip=clip, image=Image.new("RGB", (96, 96), "white"), k=k, alpha=alpha, beta=beta,
+                max_new_tokens=steps + 1, stop_at_eos=False)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        s.step()
+        times.append(time.perf_counter() - t)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def format_table(timings: list[Timing]) -> str:
+    lines = ["| run | ms / caption | ms / token | in LM | in CLIP | in models |", "|---|---|---|---|---|---|"]
+    for t in timings:
+        lines.append(f"| {t.label} | {t.ms_per_caption:.1f} | {t.ms_per_token:.2f} | {100 * t.lm_s / t.seconds:.0f}% "
+                     f"| {100 * t.clip_s / t.seconds:.0f}% | {100 * t.model_share:.0f}% |")
+    return "\n".join(lines)
+
+
+def summary(timings: list[Timing]) -> list[str]:
+    """The ratios the issue asks for, from a list of one model set's timings."""
+    by = {t.label.split(" ", 1)[1]: t for t in timings}
+    magic = next(t for key, t in by.items() if key.startswith("MAGIC (k="))
+    contrastive = next(t for key, t in by.items() if key.startswith("contrastive"))
+    lines = [
+        f"MAGIC / contrastive time per caption: {magic.seconds / contrastive.seconds:.2f}x",
+        f"trace recording overhead: {100 * (magic.seconds / by['MAGIC, no trace'].seconds - 1):+.1f}%",
+        f"CLIP prefix sharing speed-up: {by['MAGIC, no CLIP prefix sharing'].seconds / magic.seconds:.2f}x",
+        f"MAGIC batch 1 time inside the two models' forwards: {100 * magic.model_share:.0f}%",
+    ]
+    for key, t in by.items():
+        if key.startswith("MAGIC batch"):
+            lines.append(f"{key} throughput vs batch 1: {magic.ms_per_caption / t.ms_per_caption:.2f}x")
+        if key.startswith("reference"):
+            lines.append(f"fast MAGIC vs the reference loop: {t.ms_per_caption / magic.ms_per_caption:.1f}x faster")
+    return lines
+
+
+def run_benchmarks(which: str = "all", device: str | None = None, repeats: int = 3, reference: bool = True,
+                   print_fn: Callable[[str], None] = print) -> dict[str, list[Timing]]:
+    """Benchmark the toy models and/or the paper-sized random ones; print tables and ratios."""
+    from .random_models import clip_vit_b32, gpt2_small
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    print_fn(f"machine: {machine()}; device: {device}")
+    results: dict[str, list[Timing]] = {}
+    if which in ("all", "toy"):
+        from .presets import load_models
+
+        models = load_models("toy", device=device)
+        d = models.defaults
+        timings = bench_models(models.lm, models.clip, "toy", (1, 16), d["max_new_tokens"], d["k"], d["alpha"],
+                               d["beta"], repeats, reference)
+        results["toy"] = timings
+        print_fn(format_table(timings))
+        for line in summary(timings):
+            print_fn("  " + line)
+        print_fn(f"  StepThrough step (Stepper.step + trace record): "
+                 f"{step_latency(models.lm, models.clip, d['k'], d['alpha'], d['beta']):.1f} ms")
+    if which in ("all", "paper-size"):
+        lm, clip = gpt2_small(), clip_vit_b32()
+        lm.model.to(device)
+        clip.model.to(device)
+        batches, tokens = ((1, 16), 16) if cuda else ((1, 4), 8)
+        timings = bench_models(lm, clip, "GPT-2-small + ViT-B/32", batches, tokens, 45, 0.1, 2.0, repeats,
+                               reference and not cuda)
+        results["paper-size"] = timings
+        print_fn(format_table(timings))
+        for line in summary(timings):
+            print_fn("  " + line)
+    return results
+
+
+def add_bench_command(subparsers: Any) -> None:
+    """``magic-edu bench``: print the speed figures."""
+    p = subparsers.add_parser("bench", help="print decoding speed figures (ms per token and caption, shares)")
+    p.add_argument("--models", choices=["all", "toy", "paper-size"], default="all",
+                   help="the toy world, GPT-2-small + ViT-B/32 architectures with random weights, or both")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is shown)")
+    p.add_argument("--no-reference", action="store_true", help="skip the slow reference loop")
+    p.set_defaults(func=lambda args: run_benchmarks(args.models, args.device, args.repeats,
+                                                    not args.no_reference) and 0)

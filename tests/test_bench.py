@@ -1,0 +1,23 @@
+"""The benchmark runs and its figures are consistent (speed itself is printed, never asserted)."""
+
+from __future__ import annotations
+
+from magic_edu.bench import bench_models, format_table, step_latency, summary
+
+
+def test_bench_models_reports_every_decoder(tiny_lm, tiny_clip):
+    timings = bench_models(tiny_lm, tiny_clip, "tiny", (1, 2), tokens=3, k=4, repeats=1, reference=True)
+    labels = [t.label for t in timings]
+    for word in ("greedy", "top-k", "nucleus", "contrastive", "MAGIC (k=4)", "no trace", "no CLIP prefix sharing",
+                 "batch 2", "reference"):
+        assert any(word in label for label in labels), word
+    for t in timings:
+        assert t.seconds > 0 and 0 <= t.lm_s <= t.seconds * 1.01 and 0 <= t.clip_s <= t.seconds * 1.01
+        assert t.tokens == 3 * t.captions  # stop_at_eos=False: every caption has all its tokens
+    magic = next(t for t in timings if "MAGIC (k=4)" in t.label)
+    assert magic.clip_s > 0 and magic.lm_s > 0
+    assert next(t for t in timings if t.label.endswith("greedy")).clip_s == 0
+    table = format_table(timings)
+    assert table.count("\n") == len(timings) + 1
+    assert any("MAGIC / contrastive" in line for line in summary(timings))
+    assert step_latency(tiny_lm, tiny_clip, 4, 0.1, 1.0, steps=2) > 0
