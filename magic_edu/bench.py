@@ -245,5 +245,9 @@ def add_bench_command(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is shown)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference loop")
-    p.set_defaults(func=lambda args: run_benchmarks(args.models, args.device, args.repeats,
-                                                    not args.no_reference) and 0)
+    p.set_defaults(func=_run_bench_command)
+
+
+def _run_bench_command(args: Any) -> int:
+    run_benchmarks(args.models, args.device, args.repeats, not args.no_reference)
+    return 0

@@ -187,6 +187,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
             json.dump(data, f, indent=1, default=_json_default, allow_nan=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; a result file is for sharing
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

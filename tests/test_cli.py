@@ -1,0 +1,393 @@
+"""The magic-edu command line: evaluate (table and --json) and caption (batches, resume,
+atomic writes, skipped images). Captioning runs on fake models here, and end to end on the
+toy preset when its weights are in data/toy."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+import magic_edu
+from magic_edu import cli, evaluation
+from magic_edu.evaluation import evaluate, load_results, table_to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+needs_coco = pytest.mark.skipif(
+    importlib.util.find_spec("pycocoevalcap") is None or shutil.which("java") is None,
+    reason="the COCO metrics need pycocoevalcap and Java on PATH",
+)
+COLORS = {(255, 0, 0): "red", (0, 128, 0): "green", (0, 0, 255): "blue", (255, 255, 0): "yellow",
+          (128, 0, 128): "purple"}
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    status = cli.main(argv)
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+# -- evaluate -------------------------------------------------------------------------------
+RESULTS = [
+    {"image_name": "1.jpg", "captions": ["a man riding a horse", "a person on a horse"],
+     "prediction": "a man riding a horse on a horse", "split": "test"},
+    {"image_name": "2.jpg", "captions": ["a cat on a mat"], "prediction": "a cat sitting on the mat"},
+    {"image_name": "3.jpg", "captions": ["two dogs in the snow"], "prediction": "dogs playing in the snow"},
+]
+
+
+@pytest.fixture
+def results_file(tmp_path) -> Path:
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(RESULTS))
+    return path
+
+
+@pytest.fixture
+def stub_meteor(monkeypatch):
+    monkeypatch.setattr(evaluation, "_meteor", lambda coco, gts, res: 0.25)
+
+
+@needs_coco
+def test_evaluate_prints_the_table_and_json_of_the_same_numbers(results_file, stub_meteor, capsys):
+    expected = table_to_dict(evaluate(results_file))
+
+    status, out, _ = run(["evaluate", str(results_file)], capsys)
+    assert status == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split() == ["metric", str(results_file)]
+    printed = {line.split()[0]: line.split()[1] for line in lines[1:]}
+    assert set(printed) == set(expected)
+    for key, value in expected.items():
+        assert float(printed[key]) == pytest.approx(value, abs=5e-4), key
+
+    status, out, _ = run(["evaluate", str(results_file), "--json"], capsys)
+    assert status == 0
+    assert json.loads(out) == pytest.approx(expected)
+
+
+@needs_coco
+def test_evaluate_spice_note_goes_to_stderr_with_json(results_file, stub_meteor, monkeypatch, capsys):
+    monkeypatch.setattr(evaluation, "spice_models_present", lambda: False)
+    status, out, err = run(["evaluate", str(results_file), "--json", "--spice"], capsys)
+    assert status == 0 and "SPICE" not in json.loads(out)
+    assert "note: SPICE skipped" in err
+    status, out, _ = run(["evaluate", str(results_file), "--spice"], capsys)
+    assert "note: SPICE skipped" in out
+
+
+def test_evaluate_of_a_malformed_file_is_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps([RESULTS[0], {"image_name": "x", "captions": ["r"], "prediction": ""}]))
+    status, out, err = run(["evaluate", str(path)], capsys)
+    assert status == 2 and out == ""
+    assert err.strip() == "magic-edu evaluate: error: entry 1: 'prediction' is empty"
+
+
+@needs_coco
+@pytest.mark.slow
+def test_evaluate_as_a_module_with_the_real_metrics(results_file):
+    """The command as a user runs it (python -m magic_edu.cli == the magic-edu script), real METEOR."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "magic_edu.cli", "evaluate", str(results_file), "--json"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert done.returncode == 0, done.stderr
+    scores = json.loads(done.stdout)
+    assert list(scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
+                            "rep-2", "rep-3", "rep-4", "diversity", "images"]
+    assert 0 < scores["METEOR"] < 100 and scores["images"] == 3
+    # "a man riding a horse on a horse": 7 bigrams, "a horse" twice; the others 5 and 4, all distinct.
+    assert scores["rep-2"] == pytest.approx(100 * (1 - (6 + 5 + 4) / (7 + 5 + 4)))
+
+
+# -- caption with fake models -----------------------------------------------------------------
+class FakeDecoders:
+    """Stand-ins for the decoders: MAGIC names each image's colour; the others name the call."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, dict]] = []
+        self.fail_on_call: int | None = None
+        self.models = SimpleNamespace(lm="LM", clip="CLIP",
+                                      defaults={"k": 4, "alpha": 0.1, "beta": 2.0, "max_new_tokens": 7})
+
+    def _call(self, name: str, **kw) -> None:
+        self.calls.append((name, kw))
+        if self.fail_on_call is not None and len(self.calls) == self.fail_on_call:
+            raise KeyboardInterrupt
+
+    def magic_search(self, lm, clip, images, **kw):
+        assert (lm, clip) == ("LM", "CLIP") and isinstance(images, list)
+        self._call("magic", n=len(images), **kw)
+        return [SimpleNamespace(text=f"a {COLORS[im.getpixel((0, 0))]} image") for im in images]
+
+    def greedy_search(self, lm, **kw):
+        self._call("greedy", **kw)
+        return SimpleNamespace(text="a picture")
+
+    def top_k_sampling(self, lm, **kw):
+        self._call("top-k", **kw)
+        return SimpleNamespace(text=f"sample {kw['seed']}")
+
+
+@pytest.fixture
+def fake(monkeypatch) -> FakeDecoders:
+    f = FakeDecoders()
+    monkeypatch.setattr(magic_edu, "load_models", lambda preset: f.models, raising=False)
+    for name in ("magic_search", "greedy_search", "top_k_sampling"):
+        monkeypatch.setattr(magic_edu, name, getattr(f, name))
+    return f
+
+
+@pytest.fixture
+def folder(tmp_path) -> Path:
+    """Five coloured PNGs, one corrupt PNG and a text file (not an image: ignored)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, color in enumerate(COLORS):
+        Image.new("RGB", (16, 16), color).save(images / f"img{i}.png")
+    (images / "img2b.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a picture")
+    (images / "notes.txt").write_text("not an image")
+    return images
+
+
+def expected_entries() -> list[dict]:
+    return [{"image_name": f"img{i}.png", "captions": [], "prediction": f"a {name} image"}
+            for i, name in enumerate(COLORS.values())]
+
+
+def leftovers(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_caption_a_folder_in_batches_and_skip_the_unreadable(fake, folder, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    status, _, err = run(["caption", str(folder), "--out", str(out), "--batch-size", "2"], capsys)
+    assert status == 0
+    assert json.loads(out.read_text()) == expected_entries()
+    load_results(out, require_references=False)  # evaluate reads what caption writes
+    # sorted: img0 img1 | img2 img2b(corrupt) | img3 img4 -> batches of 2, 1, 2 images
+    assert [kw["n"] for name, kw in fake.calls] == [2, 1, 2]
+    assert fake.calls[0][1] == {"n": 2, "k": 4, "alpha": 0.1, "beta": 2.0, "max_new_tokens": 7}
+    skipped = json.loads((tmp_path / "results.skipped.json").read_text())
+    assert [s["image_name"] for s in skipped] == ["img2b.png"]
+    assert "not a readable image" in skipped[0]["reason"]
+    assert "skipped 1 images" in err and "img2b.png" in err and "caption (magic)" in err  # tqdm's bar
+    assert leftovers(tmp_path) == []
+
+
+def test_caption_resumes_after_an_interruption(fake, folder, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["caption", str(folder), "--out", str(out), "--batch-size", "2"]
+    fake.fail_on_call = 2  # Ctrl-C while the second batch decodes
+    status, _, err = run(argv, capsys)
+    assert status == 130 and "run the same command again" in err
+    assert json.loads(out.read_text()) == expected_entries()[:2]  # the first batch, complete
+    assert leftovers(tmp_path) == []
+
+    fake.fail_on_call, fake.calls = None, []
+    status, _, err = run(argv, capsys)
+    assert status == 0 and "2 of 6 images already in" in err
+    assert [kw["n"] for _, kw in fake.calls] == [1, 2]  # only img2 (+ the corrupt one), img3, img4
+    assert json.loads(out.read_text()) == expected_entries()
+
+    fake.calls = []
+    status, _, err = run(argv, capsys)  # nothing left but the corrupt file: no decoding at all
+    assert status == 0 and fake.calls == [] and "5 of 6 images already in" in err
+
+
+def test_a_failed_write_leaves_the_previous_file_whole(fake, folder, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results.json"
+    run(["caption", str(folder / "img0.png"), "--out", str(out)], capsys)
+    before = out.read_text()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["caption", str(folder), "--out", str(out)])
+    assert out.read_text() == before and leftovers(tmp_path) == []
+
+
+def test_caption_files_references_and_missing_paths(fake, folder, tmp_path, capsys):
+    refs = tmp_path / "refs.json"
+    refs.write_text(json.dumps({"img0.png": ["a red square", "red"], "img4.png": "a purple square"}))
+    out = tmp_path / "out" / "r.json"
+    status, _, err = run(["caption", str(folder / "img0.png"), str(folder / "img4.png"), str(tmp_path / "nope.png"),
+                          "--out", str(out), "--references", str(refs)], capsys)
+    assert status == 0
+    got = json.loads(out.read_text())
+    assert [(e["image_name"], e["captions"]) for e in got] == [("img0.png", ["a red square", "red"]),
+                                                               ("img4.png", ["a purple square"])]
+    assert "nope.png: no such file or folder" in err
+
+    # references in the result format also work, and are added to entries captioned before
+    refs.write_text(json.dumps([{"image_name": "img4.png", "captions": ["violet"], "prediction": "x"}]))
+    run(["caption", str(folder / "img4.png"), "--out", str(out), "--references", str(refs)], capsys)
+    assert json.loads(out.read_text())[1]["captions"] == ["violet"]
+
+
+def test_caption_refuses_ambiguous_names_and_foreign_out_files(fake, folder, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (8, 8), "red").save(other / "img0.png")
+    status, _, err = run(["caption", str(folder), str(other), "--out", str(tmp_path / "r.json")], capsys)
+    assert status == 2 and "two images are named 'img0.png'" in err
+
+    foreign = tmp_path / "foreign.json"
+    foreign.write_text('{"my": "notes"}')
+    status, _, err = run(["caption", str(folder), "--out", str(foreign)], capsys)
+    assert status == 2 and "left alone" in err and foreign.read_text() == '{"my": "notes"}'
+    status, _, err = run(["caption", str(folder), "--out", str(folder)], capsys)
+    assert status == 2 and "is a folder" in err
+    assert fake.calls == []
+
+    once = tmp_path / "once.json"  # one file named twice (in its folder, and relative) is captioned once
+    assert run(["caption", str(folder), os.path.relpath(folder / "img0.png"), "--out", str(once)], capsys)[0] == 0
+    assert [e["image_name"] for e in json.loads(once.read_text())] == [f"img{i}.png" for i in range(5)]
+
+
+def test_image_blind_decoders(fake, folder, tmp_path, capsys):
+    out = tmp_path / "greedy.json"
+    run(["caption", str(folder), "--out", str(out), "--decoder", "greedy"], capsys)
+    assert {e["prediction"] for e in json.loads(out.read_text())} == {"a picture"}
+    assert fake.calls == [("greedy", {"max_new_tokens": 7})]  # one caption fits every image
+
+    # top-k: one seed per image name, so the batch size does not change any caption
+    texts = []
+    for batch_size in ("1", "4"):
+        out = tmp_path / f"topk{batch_size}.json"
+        run(["caption", str(folder), "--out", str(out), "--decoder", "top-k", "--seed", "5",
+             "--batch-size", batch_size, "--k", "3"], capsys)
+        texts.append([e["prediction"] for e in json.loads(out.read_text())])
+    assert texts[0] == texts[1] == [f"sample {cli.image_seed(5, f'img{i}.png')}" for i in range(5)]
+    assert fake.calls[-1][1]["k"] == 3 and len(set(texts[0])) == 5
+
+
+def test_subcommands_are_registered_from_one_list(monkeypatch, capsys):
+    def add_hello_command(subparsers):
+        p = subparsers.add_parser("hello")
+        p.set_defaults(func=lambda args: print("hi") or 0)
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", cli.SUBCOMMANDS + [add_hello_command])
+    assert run(["hello"], capsys) == (0, "hi\n", "")
+    with pytest.raises(SystemExit):
+        cli.main([])  # a subcommand is required
+
+
+# -- caption with the real decoders on tiny random models ------------------------------------------
+@pytest.fixture(scope="module")
+def random_models(tmp_path_factory):
+    from magic_edu.random_models import random_clip, random_language_model
+
+    return SimpleNamespace(lm=random_language_model(seed=1), clip=random_clip(tmp_path_factory.mktemp("clip")),
+                           defaults={"k": 4, "alpha": 0.1, "beta": 2.0, "max_new_tokens": 6})
+
+
+@pytest.mark.slow
+def test_every_decoder_through_the_real_decoding_code(random_models, folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(magic_edu, "load_models", lambda preset: random_models, raising=False)
+    for decoder in cli.DECODERS:
+        out = tmp_path / f"{decoder}.json"
+        status, _, err = run(["caption", str(folder), "--out", str(out), "--decoder", decoder,
+                              "--batch-size", "4", "--max-new-tokens", "4"], capsys)
+        assert status == 0, err
+        written = load_results(out, require_references=False) if out.exists() else []
+        skipped = json.loads((tmp_path / f"{decoder}.skipped.json").read_text())
+        assert sorted([e["image_name"] for e in written] + [s["image_name"] for s in skipped]) == \
+            sorted(["img0.png", "img1.png", "img2.png", "img2b.png", "img3.png", "img4.png"]), decoder
+
+
+@pytest.mark.slow
+def test_an_interrupted_magic_run_ends_like_an_uninterrupted_one(random_models, folder, tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.setattr(magic_edu, "load_models", lambda preset: random_models, raising=False)
+    real_magic, calls = magic_edu.magic_search, []
+
+    def counted_magic(*args, **kwargs):
+        calls.append(len(args[2]))
+        if calls == [3, 2]:  # Ctrl-C in the second batch (img2b is corrupt: 2 images)
+            raise KeyboardInterrupt
+        return real_magic(*args, **kwargs)
+
+    monkeypatch.setattr(magic_edu, "magic_search", counted_magic)
+    argv = ["caption", str(folder), "--batch-size", "3"]
+    assert run(argv + ["--out", str(tmp_path / "resumed.json")], capsys)[0] == 130
+    first = json.loads((tmp_path / "resumed.json").read_text())
+    assert [e["image_name"] for e in first] == ["img0.png", "img1.png", "img2.png"]
+    assert run(argv + ["--out", str(tmp_path / "resumed.json")], capsys)[0] == 0
+    assert calls == [3, 2, 2]  # the resumed run decoded only the interrupted batch
+    assert run(argv + ["--out", str(tmp_path / "fresh.json")], capsys)[0] == 0
+    resumed = json.loads((tmp_path / "resumed.json").read_text())
+    assert resumed[:3] == first
+    assert resumed == json.loads((tmp_path / "fresh.json").read_text())
+
+
+@needs_coco
+def test_evaluate_with_images_adds_clipscore(random_models, folder, tmp_path, capsys, monkeypatch, stub_meteor):
+    monkeypatch.setattr(magic_edu, "load_models", lambda preset: random_models, raising=False)
+    results = [{"image_name": f"img{i}.png", "captions": ["a red square", "a shape"], "prediction": f"a {c} square"}
+               for i, c in enumerate(COLORS.values())]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    status, out, _ = run(["evaluate", str(path), "--json", "--images", str(folder)], capsys)
+    assert status == 0
+    images = [folder / r["image_name"] for r in results]
+    captions = [r["prediction"] for r in results]
+    refs = [r["captions"] for r in results]
+    scores = json.loads(out)
+    assert scores["CLIP-S"] == pytest.approx(evaluation.clip_score(random_models.clip, images, captions).mean())
+    assert scores["RefCLIP-S"] == pytest.approx(
+        evaluation.ref_clip_score(random_models.clip, images, captions, refs).mean())
+
+
+# -- caption end to end on the toy models ---------------------------------------------------------
+def toy_models_or_skip():
+    try:
+        return magic_edu.load_models("toy")
+    except (AttributeError, magic_edu.MagicEduError) as err:
+        pytest.skip(f"the toy preset is not available: {err}")
+
+
+@pytest.mark.slow
+def test_caption_then_evaluate_end_to_end_on_the_toy_preset(folder, tmp_path, capsys, monkeypatch):
+    toy_models_or_skip()
+    out = tmp_path / "toy.json"
+    argv = ["caption", str(folder), "--out", str(out), "--preset", "toy", "--batch-size", "3"]
+
+    real_magic = magic_edu.magic_search
+    calls = []
+
+    def interrupted_magic(*args, **kwargs):
+        calls.append(len(args[2]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_magic(*args, **kwargs)
+
+    monkeypatch.setattr(magic_edu, "magic_search", interrupted_magic)
+    assert run(argv, capsys)[0] == 130
+    first = json.loads(out.read_text())
+    assert [e["image_name"] for e in first] == ["img0.png", "img1.png", "img2.png"]
+
+    monkeypatch.setattr(magic_edu, "magic_search", real_magic)
+    status, _, err = run(argv, capsys)
+    assert status == 0 and "img2b.png" in err
+    final = load_results(out, require_references=False)
+    assert [e["image_name"] for e in final] == [f"img{i}.png" for i in range(5)]
+    assert final[:3] == first
+
+    fresh = tmp_path / "fresh.json"  # an uninterrupted run gives the same captions
+    assert run(["caption", str(folder), "--out", str(fresh), "--preset", "toy", "--batch-size", "3"], capsys)[0] == 0
+    assert json.loads(fresh.read_text()) == final
+
+    status, text, _ = run(["evaluate", str(out), "--json", "--images", str(folder), "--preset", "toy"], capsys)
+    scores = json.loads(text)
+    assert status == 0 and scores["images"] == 5 and 0 <= scores["CLIP-S"] <= 2.5 and "BLEU-1" not in scores

@@ -1,0 +1,31 @@
+"""On a CUDA machine the decoders run where the models are and give the CPU's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from magic_edu import contrastive_search, greedy_search, magic_search, top_k_sampling
+from magic_edu.random_models import random_clip, random_language_model
+
+from conftest import make_image
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+def test_decoders_on_cuda_match_cpu(tmp_path):
+    lm_cpu, lm_gpu = random_language_model(seed=3, dtype=torch.float64), random_language_model(seed=3,
+                                                                                             dtype=torch.float64)
+    clip_cpu, clip_gpu = random_clip(tmp_path / "a", seed=3), random_clip(tmp_path / "b", seed=3)
+    clip_cpu.model.double()
+    clip_gpu.model.double()
+    lm_gpu.model.to("cuda")
+    clip_gpu.model.to("cuda")
+    images = [make_image(s) for s in range(3)]
+    kw = dict(k=6, alpha=0.3, beta=2.0, max_new_tokens=8)
+    gpu = magic_search(lm_gpu, clip_gpu, images, **kw)
+    cpu = magic_search(lm_cpu, clip_cpu, images, **kw)
+    assert [g.token_ids for g in gpu] == [g.token_ids for g in cpu]
+    assert contrastive_search(lm_gpu, k=5, alpha=0.6).token_ids == contrastive_search(lm_cpu, k=5, alpha=0.6).token_ids
+    assert greedy_search(lm_gpu).token_ids == greedy_search(lm_cpu).token_ids
+    assert len(top_k_sampling(lm_gpu, k=5, seed=1).token_ids) > 0
