@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 venv: $(VENV)/.installed
 
 lab: venv
-	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks notebooks/01_tour_and_setup.ipynb
+	$(BIN)/jupyter lab --ip=127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root) notebooks/01_tour_and_setup.ipynb
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

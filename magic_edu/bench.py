@@ -184,7 +184,8 @@ def format_table(timings: list[Timing]) -> str:
 
 def summary(timings: list[Timing]) -> list[str]:
     """The ratios the issue asks for, from a list of one model set's timings."""
-    by = {t.label.split(" ", 1)[1]: t for t in timings}
+    name = timings[0].label.rsplit(" greedy", 1)[0]  # the model set's name, as bench_models labels it
+    by = {t.label[len(name) + 1:]: t for t in timings}
     magic = next(t for key, t in by.items() if key.startswith("MAGIC (k="))
     contrastive = next(t for key, t in by.items() if key.startswith("contrastive"))
     lines = [

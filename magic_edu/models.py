@@ -21,6 +21,7 @@ from .inputs import ImageLike, load_image
 
 DEFAULT_PROMPT_FORMAT = "{sos}{prompt}"
 STORY_PROMPT_FORMAT = "{prompt} {eos}"
+SHARE_ON_GPU_TOKENS = 16384  # on a GPU, encode shared CLIP prefixes once only above this many tokens
 
 
 class LanguageModel:
@@ -170,6 +171,12 @@ class LanguageModel:
         """The text CLIP sees for ``ids``: ``decode``, cut at the EOS string."""
         return self.decode(ids).split(self.eos_token, 1)[0]
 
+    def clip_texts(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        """:meth:`clip_text` of many id lists in one tokenizer call."""
+        texts = self.tokenizer.batch_decode([list(ids) for ids in batch], skip_special_tokens=False,
+                                            clean_up_tokenization_spaces=False)
+        return [t.split(self.eos_token, 1)[0] for t in texts]
+
     # -- the forward ------------------------------------------------------------------
     @torch.no_grad()
     def forward(
@@ -280,9 +287,12 @@ class ImageTextMatcher:
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """The text tower's forward on token ids (G, n, L): normalised (G, n, d)."""
         g, n, length = ids.shape
+        # Sharing the prefix saves arithmetic (what bounds a CPU) but adds kernel launches (what
+        # bounds a GPU on small batches): share on the CPU, or on a GPU once the batch is large.
+        share = self._blocks is not None and (ids.device.type == "cpu" or g * n * length >= SHARE_ON_GPU_TOKENS)
         if self._tower is None:
             emb = self.model.encode_text(ids.view(g * n, length))
-        elif self._blocks is None:
+        elif not share:
             emb = _encode_text_trimmed(self._tower, ids.view(g * n, length))
         else:
             emb = _encode_text_shared_prefix(self._tower, self._blocks, ids)

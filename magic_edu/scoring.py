@@ -60,10 +60,10 @@ class ClipScorer:
     def texts(self, generated: Sequence[Sequence[int]], candidate_ids: torch.Tensor) -> list[list[str]]:
         """t_v for every row and candidate."""
         n = self.clip_text_max_len
-        return [
-            [self.lm.clip_text((list(c) + [int(v)])[-n:]) for v in row.tolist()]
-            for c, row in zip(generated, candidate_ids)
-        ]
+        ids = [(list(c) + [v])[-n:] for c, row in zip(generated, candidate_ids.tolist()) for v in row]
+        texts = self.lm.clip_texts(ids)
+        k = candidate_ids.shape[1]
+        return [texts[i: i + k] for i in range(0, len(texts), k)]
 
     def __call__(
         self, generated: Sequence[Sequence[int]], candidate_ids: torch.Tensor

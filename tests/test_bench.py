@@ -6,7 +6,7 @@ from magic_edu.bench import bench_models, format_table, step_latency, summary
 
 
 def test_bench_models_reports_every_decoder(tiny_lm, tiny_clip):
-    timings = bench_models(tiny_lm, tiny_clip, "tiny", (1, 2), tokens=3, k=4, repeats=1, reference=True)
+    timings = bench_models(tiny_lm, tiny_clip, "tiny GPT-2 + CLIP", (1, 2), tokens=3, k=4, repeats=1, reference=True)
     labels = [t.label for t in timings]
     for word in ("greedy", "top-k", "nucleus", "contrastive", "MAGIC (k=4)", "no trace", "no CLIP prefix sharing",
                  "batch 2", "reference"):
@@ -19,5 +19,6 @@ def test_bench_models_reports_every_decoder(tiny_lm, tiny_clip):
     assert next(t for t in timings if t.label.endswith("greedy")).clip_s == 0
     table = format_table(timings)
     assert table.count("\n") == len(timings) + 1
-    assert any("MAGIC / contrastive" in line for line in summary(timings))
+    lines = summary(timings)
+    assert any("MAGIC / contrastive" in line for line in lines) and any("batch 2" in line for line in lines)
     assert step_latency(tiny_lm, tiny_clip, 4, 0.1, 1.0, steps=2) > 0
