@@ -105,6 +105,11 @@ class Stepper:
         self.seed = check_int(seed, "seed", 0)
 
         self.prefix = lm.prefix_ids(prompt)
+        if len(self.prefix) >= lm.context_length:
+            raise MagicEduError(
+                f"prompt: its {len(self.prefix)} prefix ids leave no room in the model's context of "
+                f"{lm.context_length} tokens; shorten the prompt"
+            )
         if len(self.prefix) + self.max_new_tokens > lm.context_length:
             raise MagicEduError(
                 f"max_new_tokens: the prompt's {len(self.prefix)} prefix ids plus max_new_tokens="

@@ -14,6 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from magic_edu.random_models import random_clip, random_language_model  # noqa: E402
 
+# The test models are tiny: one thread is faster than two, and immune to a busy machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny_lm():

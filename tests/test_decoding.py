@@ -328,6 +328,7 @@ def test_nucleus_samples_only_from_the_nucleus(tiny_lm):
     (dict(k=0), "k"), (dict(k=10**7), "k"), (dict(k=2.5), "k"), (dict(alpha=-0.1), "alpha"),
     (dict(alpha=1.5), "alpha"), (dict(beta=-1.0), "beta"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=10_000), "max_new_tokens"), (dict(prompt=3), "prompt"),
+    (dict(prompt="a red " * 200), "prompt"),
     (dict(clip_text_max_len=0), "clip_text_max_len"), (dict(alpha=float("nan")), "alpha"),
 ])
 def test_bad_settings_name_the_argument(tiny_lm, tiny_clip, kwargs, name):

@@ -1,0 +1,819 @@
+"""Interactive controls (ipywidgets 8) to watch MAGIC decode, one token at a time.
+
+    >>> models = load_models("toy")
+    >>> StepThrough(models)       # Next / Back / Reset / Run, the candidates, force any of them
+    >>> CompareDecoders(models)   # greedy, contrastive, MAGIC and sampling on the same image
+    >>> Sweep(models)             # MAGIC over a grid of alpha, beta (and k)
+
+Each widget is an ``ipywidgets.VBox`` built around :class:`ImagePicker` (toy scenes by seed,
+the bundled sample photos, your own upload). ``widget.snapshot()`` returns a static matplotlib
+Figure of what the widget shows, for places where no kernel runs (GitHub, HTML exports).
+A bad setting or a bad upload shows a message inside the widget, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import io
+import itertools
+import math
+import random
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import ipywidgets as W
+import pandas as pd
+from PIL import Image
+
+from . import analysis, plots, shapes
+from .decoding import DECODERS, Stepper
+from .errors import MagicEduError
+from .photos import list_sample_photos, load_sample_photo, load_user_image
+from .plots import Figure
+from .presets import ModelSet
+from .trace import Generation, StepRecord, Trace
+
+SCENE_SEEDS = 9_000_000  # the toy world's held-out seeds (training used seeds below 1,000,000)
+PLOT_DPI = 72
+PNG_CACHE = 64  # step plots kept, so Back and the step slider redraw nothing
+MAX_SWEEP = 300  # most settings one sweep may decode
+COMPARED = ("greedy", "contrastive", "magic")
+
+ERROR_STYLE = "border-left:4px solid #D55E00;background:#FFF1E6;padding:4px 8px;margin:2px 0"
+INFO_STYLE = "border-left:4px solid #0072B2;background:#EAF4FB;padding:4px 8px;margin:2px 0"
+CHIP = "display:inline-block;padding:0 3px;margin:1px;border:1px solid #999;border-radius:3px;font-family:monospace"
+NEWEST = CHIP + ";border:2px solid #000;background:#F0E442;font-weight:bold"
+FORCED = CHIP + ";border:2px dashed #E69F00"
+PREFIX = CHIP + ";color:#555;background:#EEE;font-style:italic"
+SPLIT = CHIP + ";border:2px solid #D55E00;font-weight:bold"
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+def message_html(text: str, error: bool = True) -> str:
+    """A message box: ⚠ for problems, ℹ for information (words and a symbol, not only colour)."""
+    icon, style = ("⚠ Problem: ", ERROR_STYLE) if error else ("ℹ ", INFO_STYLE)
+    body = html.escape(str(text)).replace("\n", "<br>")
+    return f'<div role="alert" style="{style}"><b>{icon}</b>{body}</div>'
+
+
+def error_text(err: BaseException) -> str:
+    """A readable one-paragraph message for any exception (the library's own say what to change)."""
+    if isinstance(err, MagicEduError):
+        return str(err)
+    return f"something went wrong ({type(err).__name__}: {err})"
+
+
+def guarded(method: Callable) -> Callable:
+    """Run a widget action; any exception becomes a message in ``self.message``."""
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        self.message.value = ""
+        try:
+            return method(self, *args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - a widget must never show a traceback
+            self.message.value = message_html(error_text(err))
+            return None
+    return wrapper
+
+
+def chip(text: str, style: str = CHIP, note: str = "") -> str:
+    """One token as an inline box, its invisible characters made visible."""
+    sup = f"<sup>{html.escape(note)}</sup>" if note else ""
+    return f'<span style="{style}">{html.escape(analysis.token_label(text))}</span>{sup}'
+
+
+def png_bytes(image: Image.Image, size: int = 160) -> bytes:
+    """A PNG preview of an image, at most ``size`` pixels on its longer side (small ones scaled up)."""
+    scale = size / max(image.size)
+    preview = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
+                           Image.NEAREST if scale > 1 else Image.BILINEAR)
+    buf = io.BytesIO()
+    preview.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _row(children: list[W.Widget]) -> W.HBox:
+    """A row of widgets that wraps onto the next line on a narrow screen."""
+    return W.HBox(children, layout=W.Layout(flex_flow="row wrap", align_items="flex-start", grid_gap="8px"))
+
+
+def figure_png(fig: Figure) -> bytes:
+    return plots.to_png(fig, dpi=PLOT_DPI)
+
+
+def _number_list(text: str, name: str, cast: Callable[[str], Any]) -> list:
+    """'0, 0.1, 0.5' -> [0.0, 0.1, 0.5]; a MagicEduError naming the field otherwise."""
+    items = [t for t in text.replace(";", ",").replace(" ", ",").split(",") if t]
+    if not items:
+        raise MagicEduError(f"{name}: give at least one value, separated by commas (e.g. 0, 0.1, 0.5)")
+    try:
+        return list(dict.fromkeys(cast(t) for t in items))
+    except ValueError:
+        raise MagicEduError(f"{name}: {text!r} is not a list of numbers separated by commas") from None
+
+
+def _prompt(text: str) -> str | None:
+    return text if text.strip() else None
+
+
+def _default_length(models: ModelSet) -> int:
+    try:
+        return int(models.settings(models.prompt)["max_new_tokens"])
+    except (MagicEduError, KeyError):
+        return int(models.defaults.get("max_new_tokens", 16))
+
+
+def _slider_settings(models: ModelSet) -> dict[str, W.Widget]:
+    """k, alpha, beta and length sliders set to the model set's defaults."""
+    d, lm = models.defaults, models.lm
+    length = _default_length(models)
+    style = {"description_width": "60px"}
+    return {
+        "k": W.IntSlider(value=int(d["k"]), min=1, max=min(lm.vocab_size, max(50, 2 * int(d["k"]))),
+                         description="k", continuous_update=False, style=style),
+        "alpha": W.FloatSlider(value=float(d["alpha"]), min=0.0, max=1.0, step=0.05, description="alpha α",
+                               continuous_update=False, style=style),
+        "beta": W.FloatSlider(value=float(d["beta"]), min=0.0, max=max(5.0, 2 * float(d["beta"])), step=0.05,
+                              description="beta β", continuous_update=False, style=style),
+        "length": W.IntSlider(value=length, min=1, max=max(length, min(lm.context_length - 1, 128)),
+                              description="length", continuous_update=False, style=style),
+    }
+
+
+# -- the image picker ------------------------------------------------------------------------------
+class ImagePicker(W.VBox):
+    """Choose the image: a toy scene by seed (with "new scene"), a bundled sample photo, or an upload.
+
+    ``picker.image`` is the current PIL image; ``picker.on_change(callback)`` calls
+    ``callback()`` whenever it changes; ``picker.set_image(img)`` uses any image of your own.
+    """
+
+    def __init__(self, models: ModelSet | None = None, *, source: str | None = None, seed: int = SCENE_SEEDS,
+                 photo: str = "chelsea") -> None:
+        toy = models is None or models.name.startswith("toy")
+        photos = list(list_sample_photos())
+        self.source = W.ToggleButtons(options=[("toy scene", "scene"), ("sample photo", "photo"),
+                                               ("upload", "upload")], value=source or ("scene" if toy else "photo"),
+                                      style={"button_width": "96px"})
+        self.seed = W.IntText(value=seed, description="seed", layout=W.Layout(width="180px"))
+        self.new_scene = W.Button(description="new scene", icon="refresh", tooltip="draw another random scene")
+        self.photo = W.Dropdown(options=photos, value=photo if photo in photos else photos[0], description="photo")
+        self.upload = W.FileUpload(accept="image/*", multiple=False, description="upload")
+        self.preview = W.Image(format="png", layout=W.Layout(width="160px", height="160px", object_fit="contain"))
+        self.caption = W.HTML()
+        self.message = W.HTML()
+        self.image: Image.Image | None = None
+        self.description = ""
+        self._callbacks: list[Callable[[], Any]] = []
+        self._rng = random.Random(seed)
+        self._scene_box = W.HBox([self.seed, self.new_scene])
+        super().__init__([self.source, self._scene_box, self.photo, self.upload, self.message,
+                          W.HBox([self.preview, self.caption])])
+
+        self.new_scene.on_click(lambda _: self._new_scene())
+        self.seed.observe(lambda _: self._use("scene"), names="value")
+        self.photo.observe(lambda _: self._use("photo"), names="value")
+        self.upload.observe(lambda _: self._use("upload"), names="value")
+        self.source.observe(lambda _: self._load(), names="value")
+        self._load()
+
+    def on_change(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback()`` (no arguments) whenever the image changes."""
+        self._callbacks.append(callback)
+
+    def set_image(self, image: Any, description: str = "your image") -> None:
+        """Use an image of your own (PIL image, path, array, bytes)."""
+        self._set(load_user_image(image), description)
+
+    def _new_scene(self) -> None:
+        self.seed.value = self._rng.randrange(SCENE_SEEDS, SCENE_SEEDS + 1_000_000)  # triggers _load
+
+    def _use(self, source: str) -> None:
+        """A control of ``source`` changed: switch to that source (which loads), or load."""
+        if self.source.value != source:
+            self.source.value = source
+        else:
+            self._load()
+
+    def _show_controls(self) -> None:
+        for box, name in ((self._scene_box, "scene"), (self.photo, "photo"), (self.upload, "upload")):
+            box.layout.display = None if self.source.value == name else "none"
+
+    @guarded
+    def _load(self) -> None:
+        self._show_controls()
+        source = self.source.value
+        if source == "scene":
+            scene = shapes.make_scene(int(self.seed.value))
+            refs = "".join(f"<li>{html.escape(c)}</li>" for c in scene.captions[:3])
+            self._set(scene.image, f"toy scene {self.seed.value}", f"<b>toy scene {self.seed.value}</b>"
+                      f"<br>reference captions:<ul style='margin:0'>{refs}</ul>")
+        elif source == "photo":
+            self._set(load_sample_photo(self.photo.value), f"sample photo {self.photo.value!r}",
+                      f"<b>{html.escape(self.photo.value)}</b>: {html.escape(list_sample_photos()[self.photo.value])}")
+        elif not self.upload.value:
+            self.message.value = message_html("choose an image file with the upload button", error=False)
+        else:
+            entry = self.upload.value[0]
+            name = entry.get("name", "upload") if isinstance(entry, dict) else "upload"
+            self._set(load_user_image(self.upload.value, name=f"upload {name!r}"), f"upload {name!r}",
+                      f"<b>your image</b>: {html.escape(name)}")
+
+    def _set(self, image: Image.Image, description: str, caption: str | None = None) -> None:
+        self.image, self.description = image, description
+        self.preview.value = png_bytes(image)
+        self.caption.value = caption if caption is not None else f"<b>{html.escape(description)}</b>"
+        for callback in self._callbacks:
+            callback()
+
+
+# -- step through one decode -------------------------------------------------------------------------
+# the candidate table's columns: header -> (width, alignment)
+CELLS = {"rank": ("3em", "right"), "token": ("9em", "left"), "p(v|x)": ("5em", "right"), "penalty": ("5em", "right"),
+         "CLIP": ("5em", "right"), "score": ("5.5em", "right"), "": ("6em", "left")}
+
+
+def _cells(values: Sequence[str], bold: bool = False, background: str = "") -> str:
+    spans = "".join(f'<span style="display:inline-block;width:{width};text-align:{align};padding-right:6px">{v}</span>'
+                    for (width, align), v in zip(CELLS.values(), values))
+    style = f"font-family:monospace;white-space:pre;{'font-weight:bold;' if bold else ''}"
+    style += f"background:{background};" if background else ""
+    return f'<div style="{style}">{spans}</div>'
+
+
+class CandidateRow(W.HBox):
+    """One candidate of the shown step: a force button and its numbers."""
+
+    def __init__(self, index: int, on_force: Callable[[int], None]) -> None:
+        self.index = index
+        self.force = W.Button(description="force", tooltip="take this token instead and go on from there",
+                              layout=W.Layout(width="64px", height="24px"))
+        self.cells = W.HTML()
+        self.force.on_click(lambda _: on_force(self.index))
+        super().__init__([self.force, self.cells])
+
+
+class StepThrough(W.VBox):
+    """Step through one decode: the text so far, the candidates of a step and the parts of their
+    score; Next / Back / Reset / Run to end; force any candidate to ask "what if?".
+
+    Changing a setting (decoder, k, alpha, beta, length, prompt, image) decodes again with the
+    new settings up to the same step.
+    """
+
+    def __init__(self, models: ModelSet, image: Any = None, *, decoder: str = "magic", plot: bool = True) -> None:
+        if decoder not in DECODERS:
+            raise MagicEduError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
+        self.models = models
+        self.picker = ImagePicker(models)
+        if image is not None:
+            self.picker.set_image(image)
+        sliders = _slider_settings(models)
+        self.k, self.alpha, self.beta, self.length = (sliders[n] for n in ("k", "alpha", "beta", "length"))
+        style = {"description_width": "60px"}
+        self.decoder = W.Dropdown(options=list(DECODERS), value=decoder, description="decoder", style=style)
+        self.prompt = W.Text(value=models.prompt or "", description="prompt", placeholder="(none)",
+                             continuous_update=False, style=style)
+        self.p = W.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="p", continuous_update=False,
+                               style=style)
+        self.seed = W.IntText(value=0, description="seed", style=style, layout=W.Layout(width="180px"))
+        self.next_button = W.Button(description="Next", icon="step-forward", button_style="primary")
+        self.back_button = W.Button(description="Back", icon="step-backward")
+        self.reset_button = W.Button(description="Reset", icon="undo")
+        self.run_button = W.Button(description="Run to end", icon="fast-forward")
+        self.view = W.IntSlider(value=0, min=0, max=0, description="show step", continuous_update=True,
+                                style={"description_width": "initial"})
+        self.message = W.HTML()
+        self.text_view = W.HTML()
+        self.table_title = W.HTML()
+        self.header = W.HTML(_cells(list(CELLS), bold=True))
+        self.rows: list[CandidateRow] = []
+        self.table = W.VBox([self.table_title, W.HBox([W.HTML(layout=W.Layout(width="64px")), self.header])])
+        self.plot = W.Image(format="png", layout=W.Layout(max_width="640px"))
+        self.show_plot = plot
+        self.stepper: Stepper | None = None
+        self._view: int | None = None  # the step shown; None = the latest
+        self._plotted: StepRecord | None = None
+        self._png_cache: dict[int, tuple[StepRecord, bytes]] = {}  # id(record) -> (record, its plot)
+        self._syncing = False
+
+        settings = W.VBox([self.decoder, self.prompt, self.k, self.alpha, self.beta, self.p, self.length, self.seed])
+        buttons = _row([self.next_button, self.back_button, self.reset_button, self.run_button, self.view])
+        body = _row([self.table, self.plot] if plot else [self.table])
+        super().__init__([_row([self.picker, settings]), buttons, self.message, self.text_view, body])
+
+        self.next_button.on_click(lambda _: self.next())
+        self.back_button.on_click(lambda _: self.back())
+        self.reset_button.on_click(lambda _: self.reset())
+        self.run_button.on_click(lambda _: self.run_to_end())
+        for control in (self.decoder, self.prompt, self.k, self.alpha, self.beta, self.p, self.length, self.seed):
+            control.observe(lambda _: self.restart(), names="value")
+        self.view.observe(self._view_changed, names="value")
+        self.picker.on_change(self.restart)
+        self.restart()
+
+    # -- actions (each shows its own errors) --------------------------------------------------
+    @guarded
+    def next(self) -> None:
+        """Take one step (at the end of the decode, say so)."""
+        if self._need_stepper().done:
+            self.message.value = message_html("the decode has ended: press Back or Reset, or force another "
+                                              "candidate of a step to see where it leads", error=False)
+            return
+        self.stepper.step()
+        self._view = None
+        self._render()
+
+    @guarded
+    def back(self) -> None:
+        """Undo the last step."""
+        self._need_stepper().back()
+        self._view = None
+        self._render()
+
+    @guarded
+    def reset(self) -> None:
+        """Back to before the first step."""
+        self._need_stepper().reset()
+        self._view = None
+        self._render()
+
+    @guarded
+    def run_to_end(self) -> None:
+        """Step until the decode ends (EOS or the length)."""
+        self._need_stepper().run()
+        self._view = None
+        self._render()
+
+    @guarded
+    def force(self, index: int) -> None:
+        """Take the shown step's candidate ``index`` (0 = most probable) instead of the decoder's
+        choice, and go on from there: as far as the decode had gone (to the end if it had ended)."""
+        stepper, record = self._need_stepper(), self.shown_record()
+        if record is None:
+            raise MagicEduError("force: take a first step (Next) to see candidates to force")
+        if not 0 <= index < record.k:
+            raise MagicEduError(f"force: candidate index must be between 0 and {record.k - 1}; got {index}")
+        token, was_done, reached = record.token_ids[index], stepper.done, stepper.step_index
+        while stepper.step_index > record.step:
+            stepper.back()
+        stepper.step(force=token)
+        while not stepper.done and (was_done or stepper.step_index < reached):
+            stepper.step()
+        self._view = record.step
+        self._render()
+
+    @guarded
+    def restart(self) -> None:
+        """A new decode with the current settings, taken as far as the previous one had gone."""
+        self._enable_controls()
+        old = self.stepper
+        stepper = self._new_stepper()
+        self.stepper, self._view = stepper, None
+        if old is not None:
+            while not stepper.done and (old.done or stepper.step_index < old.step_index):
+                stepper.step()
+        self._render()
+
+    def _new_stepper(self) -> Stepper:
+        decoder = self.decoder.value
+        image = self.picker.image
+        if decoder == "magic" and image is None:
+            raise MagicEduError("image: MAGIC needs an image; pick a toy scene or a sample photo, or upload one")
+        return Stepper(self.models.lm, decoder, clip=self.models.clip if decoder == "magic" else None,
+                       image=image if decoder == "magic" else None, prompt=_prompt(self.prompt.value),
+                       k=self.k.value, alpha=self.alpha.value, beta=self.beta.value, p=self.p.value,
+                       seed=self.seed.value, max_new_tokens=self.length.value)
+
+    def _need_stepper(self) -> Stepper:
+        if self.stepper is None:
+            raise MagicEduError("no decode yet: fix the settings shown above first")
+        return self.stepper
+
+    def _enable_controls(self) -> None:
+        uses = {"k": ("top_k", "contrastive", "magic"), "alpha": ("contrastive", "magic"), "beta": ("magic",),
+                "p": ("nucleus",), "seed": ("top_k", "nucleus")}
+        for name, decoders in uses.items():
+            getattr(self, name).disabled = self.decoder.value not in decoders
+
+    @guarded
+    def _view_changed(self, change: dict) -> None:
+        if not self._syncing:
+            self._view = int(change["new"])
+            self._render()
+
+    # -- what is shown ---------------------------------------------------------------------------
+    @property
+    def trace(self) -> Trace | None:
+        """The trace of the decode shown (None before the first decode could start)."""
+        return self.stepper.traces[0] if self.stepper is not None else None
+
+    def shown_record(self) -> StepRecord | None:
+        """The step whose candidates are shown (the latest, unless another is picked)."""
+        trace = self.trace
+        if trace is None or not trace.steps:
+            return None
+        index = len(trace.steps) - 1 if self._view is None else min(self._view, len(trace.steps) - 1)
+        return trace.steps[index]
+
+    def candidate_frame(self) -> pd.DataFrame:
+        """The shown step's candidates as a DataFrame (the rows of the table)."""
+        record = self.shown_record()
+        if record is None:
+            return pd.DataFrame()
+        frame = self.trace.to_frame()
+        return frame[frame["step"] == record.step].reset_index(drop=True)
+
+    def _render(self) -> None:
+        stepper, trace = self.stepper, self.trace
+        n = len(trace.steps)
+        self.next_button.disabled = stepper.done
+        self.back_button.disabled = self.reset_button.disabled = n == 0
+        self.run_button.disabled = stepper.done
+        record = self.shown_record()
+        self._syncing = True
+        try:
+            self.view.max = max(n - 1, 0)
+            self.view.value = record.step if record is not None else 0
+            self.view.disabled = n < 2
+        finally:
+            self._syncing = False
+        self.text_view.value = self._text_html()
+        self._render_table(record)
+        if self.show_plot:
+            self._render_plot(record)
+
+    def _text_html(self) -> str:
+        stepper, trace = self.stepper, self.trace
+        prefix = "".join(chip(t, PREFIX) for t in trace.prefix_tokens)
+        tokens = []
+        for i, s in enumerate(trace.steps):
+            newest = i == len(trace.steps) - 1
+            style, note = (NEWEST, "◀ newest") if newest else (CHIP, "")
+            if s.forced:
+                style, note = (NEWEST + ";border-style:dashed" if newest else FORCED), note + " forced"
+            tokens.append(chip(s.chosen_token, style, note.strip()))
+        n = len(trace.steps)
+        if n == 0:
+            status = "No step yet: press <b>Next</b>."
+        elif stepper.done:
+            status = f"Ended after {n} tokens" + (" (end-of-text token)." if
+                                                   trace.steps[-1].chosen_token_id == self.models.lm.eos_token_id
+                                                   else " (the length limit).")
+        else:
+            status = f"{n} of at most {stepper.max_new_tokens} tokens."
+        output = html.escape(stepper.text()) or "<i>(empty)</i>"
+        return (f"<div style='line-height:1.9'>{prefix} {''.join(tokens)}</div>"
+                f"<div><b>Output:</b> “{output}” &nbsp; <span style='color:#555'>{status}</span></div>")
+
+    def _render_table(self, record: StepRecord | None) -> None:
+        k = record.k if record is not None else 0
+        while len(self.rows) < k:
+            row = CandidateRow(len(self.rows), self.force)
+            self.rows.append(row)
+            self.table.children = self.table.children + (row,)
+        if record is None:
+            self.table_title.value = "<i>The candidates of each step appear here.</i>"
+        else:
+            decoder = self.trace.settings.get("decoder")
+            self.table_title.value = (f"<b>Step {record.step}</b>: the {decoder} decoder's candidates after "
+                                      f"“{html.escape(record.text)}”. <b>force</b> takes one instead and goes on.")
+        for i, row in enumerate(self.rows):
+            row.layout.display = None if i < k else "none"
+            if i >= k:
+                continue
+            chosen = i == record.chosen
+            note = ("▶ forced" if record.forced else "▶ chosen") if chosen else ""
+            row.cells.value = _cells(
+                [f"#{i + 1}", html.escape(analysis.token_label(record.tokens[i])), _fmt(record.lm_prob[i]),
+                 _fmt(record.degeneration_penalty[i]), _fmt(record.clip_score[i]), _fmt(record.score[i]), note],
+                bold=chosen, background="#FBF3B5" if chosen else "")
+            row.force.disabled = chosen
+            row.force.description = "taken" if chosen else "force"
+
+    def _render_plot(self, record: StepRecord | None) -> None:
+        """Draw the shown step, unless it is already drawn; records drawn before (Back, the step
+        slider) come from a small cache, keyed by the record object itself."""
+        if record is self._plotted:
+            return
+        self._plotted = record
+        if record is None:
+            self.plot.value = b""
+            return
+        cached = self._png_cache.get(id(record))
+        if cached is None or cached[0] is not record:
+            cached = (record, figure_png(plots.plot_step(self.trace, record.step)))
+            self._png_cache[id(record)] = cached
+            if len(self._png_cache) > PNG_CACHE:
+                self._png_cache.pop(next(iter(self._png_cache)))
+        self.plot.value = cached[1]
+
+    # -- for static pages ------------------------------------------------------------------------
+    def snapshot(self) -> Figure:
+        """A static Figure of the current view: the image, the text so far and the shown step."""
+        record = self.shown_record()
+        image = self.picker.image if self.decoder.value == "magic" else None
+        fig = Figure(figsize=(11.0, 1.6 + 0.3 * (min(record.k, 20) if record else 4)), layout="constrained")
+        left, right = fig.subfigures(1, 2, width_ratios=[1, 3])
+        ax_img = left.subplots()
+        ax_img.set_axis_off()
+        if image is not None:
+            ax_img.imshow(image)
+            ax_img.set_title(self.picker.description, fontsize=8)
+        else:
+            ax_img.text(0.5, 0.5, f"({self.decoder.value} does not\nlook at the image)", ha="center", va="center",
+                        fontsize=8)
+        ax = right.subplots()
+        if record is not None:
+            plots.plot_step(self.trace, record.step, ax=ax)
+        else:
+            ax.set_axis_off()
+            ax.text(0.5, 0.5, "no step taken yet", ha="center", va="center")
+        tokens = [analysis.token_label(s.chosen_token) for s in self.trace.steps]
+        if tokens:
+            tokens[-1] = f"[{tokens[-1]}]"
+        fig.suptitle("text so far: " + (" ".join(tokens) or "(none)") + "   ([ ] = newest token)", fontsize=9)
+        return fig
+
+
+def _fmt(x: float) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+# -- decoders side by side -----------------------------------------------------------------------------
+class CompareDecoders(W.VBox):
+    """Greedy, contrastive, MAGIC and a sampling decoder on the same image (and prompt): their
+    outputs, where their paths split, and per output its LM log-likelihood, the CLIP score
+    (cosine) of the whole caption and its repeated n-grams.
+
+    ``divergence`` is the step where greedy, contrastive and MAGIC stop agreeing (the sampler is
+    left out: it is random); ``leaves[name]`` is the step where a decoder leaves greedy's path.
+    Contrastive search uses MAGIC's k and alpha, so the two differ only by CLIP (beta).
+    """
+
+    def __init__(self, models: ModelSet, image: Any = None, *, sampler: str = "top_k", seed: int = 0) -> None:
+        self.models = models
+        self.picker = ImagePicker(models)
+        if image is not None:
+            self.picker.set_image(image)
+        sliders = _slider_settings(models)
+        self.k, self.alpha, self.beta, self.length = (sliders[n] for n in ("k", "alpha", "beta", "length"))
+        style = {"description_width": "60px"}
+        self.prompt = W.Text(value=models.prompt or "", description="prompt", placeholder="(none)",
+                             continuous_update=False, style=style)
+        self.sampler = W.Dropdown(options=[("top-k sampling", "top_k"), ("nucleus sampling (p=0.95)", "nucleus")],
+                                  value=sampler, description="sampling", style=style)
+        self.seed = W.IntText(value=seed, description="seed", style=style, layout=W.Layout(width="180px"))
+        self.compare_button = W.Button(description="Compare", icon="play", button_style="primary")
+        self.message = W.HTML()
+        self.summary = W.HTML()
+        self.table = W.HTML()
+        self.plot = W.Image(format="png", layout=W.Layout(max_width="900px"))
+        self.generations: dict[str, Generation] = {}
+        self.frame = pd.DataFrame()
+        self.divergence: int | None = None
+        self.leaves: dict[str, int | None] = {}
+
+        settings = W.VBox([self.prompt, self.k, self.alpha, self.beta, self.length, self.sampler, self.seed,
+                           self.compare_button])
+        super().__init__([_row([self.picker, settings]), self.message, self.summary, self.table, self.plot])
+        self.compare_button.on_click(lambda _: self.compare())
+        for control in (self.prompt, self.k, self.alpha, self.beta, self.length, self.sampler, self.seed):
+            control.observe(lambda _: self.compare(), names="value")
+        self.picker.on_change(self.compare)
+        self.compare()
+
+    @property
+    def names(self) -> list[str]:
+        return [*COMPARED, self.sampler.value]
+
+    @guarded
+    def compare(self) -> None:
+        """Decode with every decoder and show the results."""
+        models, image, prompt = self.models, self.picker.image, _prompt(self.prompt.value)
+        if image is None:
+            raise MagicEduError("image: pick a toy scene or a sample photo, or upload one")
+        common = dict(prompt=prompt, max_new_tokens=self.length.value)
+        settings = {
+            "greedy": {},
+            "contrastive": dict(k=self.k.value, alpha=self.alpha.value),
+            "magic": dict(k=self.k.value, alpha=self.alpha.value, beta=self.beta.value, clip=models.clip,
+                          image=image),
+            "top_k": dict(k=self.k.value, seed=self.seed.value),
+            "nucleus": dict(p=0.95, seed=self.seed.value),
+        }
+        gens = {name: Stepper(models.lm, name, **settings[name], **common).run()[0] for name in self.names}
+        self.generations = gens
+        self.divergence = analysis.divergence_step([gens[name].token_ids for name in COMPARED])
+        self.leaves = {name: analysis.divergence_step([gens["greedy"].token_ids, g.token_ids])
+                       for name, g in gens.items() if name != "greedy"}
+        self.frame = compare_frame(models, image, gens, prompt)
+        self._render()
+
+    def _render(self) -> None:
+        split, gens = self.divergence, self.generations
+        three = ", ".join(COMPARED)
+        if split is None:
+            summary = f"{three} wrote the same tokens."
+        else:
+            took = ", ".join(f"{name} took “{html.escape(analysis.token_label(g.trace.steps[split].chosen_token))}”"
+                             if split < len(g.trace.steps) else f"{name} had ended"
+                             for name, g in gens.items() if name in COMPARED)
+            summary = f"{three} split at step {split}: {took}."
+        sampler, leaves = self.sampler.value, self.leaves.get(self.sampler.value)
+        summary += (f" {sampler} sampling follows the greedy path all the way." if leaves is None
+                    else f" {sampler} sampling leaves the greedy path at step {leaves}.")
+        self.summary.value = message_html(summary, error=False)
+        rows = []
+        for (name, gen), (_, r) in zip(gens.items(), self.frame.iterrows()):
+            mark = split if name == "greedy" else self.leaves[name]
+            note = "split" if name == "greedy" else "leaves greedy"
+            chips = "".join(chip(s.chosen_token, SPLIT if i == mark else CHIP, note if i == mark else "")
+                            for i, s in enumerate(gen.trace.steps))
+            repeats = html.escape(r["repeated"]) or "none"
+            rows.append(f"<tr><td><b>{name}</b></td><td>“{html.escape(gen.text)}”<br>{chips}</td>"
+                        f"<td>{r['log_likelihood']:.2f}<br><small>{r['log_likelihood_per_token']:.2f} per token</small>"
+                        f"</td><td>{r['clip_cosine']:.3f}</td><td>{repeats}</td></tr>")
+        self.table.value = ("<table style='border-collapse:collapse' border='1' cellpadding='4'><tr><th>decoder</th>"
+                            "<th>output (tokens; where it leaves the greedy path marked)</th><th>LM log-likelihood</th>"
+                            "<th>CLIP cos(image, caption)</th><th>repeated n-grams</th></tr>" + "".join(rows)
+                            + "</table>")
+        self.plot.value = figure_png(plots.plot_decoders([g.trace for g in gens.values()], list(gens), split=split))
+
+    def snapshot(self) -> Figure:
+        """A static Figure: the image, the decoders' paths with the split, and the table of figures."""
+        if not self.generations:
+            fig = Figure(figsize=(6, 1))
+            fig.text(0.5, 0.5, "nothing compared yet", ha="center")
+            return fig
+        n = len(self.generations)
+        width = max(len(g.trace.steps) for g in self.generations.values())
+        fig = Figure(figsize=(min(5 + 0.62 * width, 20.0), 2.6 + 0.95 * n), layout="constrained")
+        top, bottom = fig.subfigures(2, 1, height_ratios=[1.9 + 0.8 * n, 0.4 + 0.3 * n])
+        left, right = top.subfigures(1, 2, width_ratios=[1, 4])
+        ax_img = left.subplots()
+        ax_img.imshow(self.picker.image)
+        ax_img.set_axis_off()
+        ax_img.set_title(self.picker.description, fontsize=8)
+        plots.plot_decoders([g.trace for g in self.generations.values()], list(self.generations),
+                            split=self.divergence, fig=right)
+        ax = bottom.subplots()
+        ax.set_axis_off()
+        cells = [[f"“{r['text'][:60]}”", f"{r['log_likelihood']:.2f}", f"{r['log_likelihood_per_token']:.2f}",
+                  f"{r['clip_cosine']:.3f}", r["repeated"][:40] or "none"] for _, r in self.frame.iterrows()]
+        table = ax.table(cellText=cells, rowLabels=list(self.frame["decoder"]),
+                         colLabels=["output", "LM log-lik.", "per token", "CLIP cos", "repeated n-grams"],
+                         loc="center", cellLoc="left")
+        table.auto_set_font_size(False)
+        table.set_fontsize(8)
+        return fig
+
+
+def compare_frame(models: ModelSet, image: Any, generations: dict[str, Generation],
+                  prompt: str | None = None) -> pd.DataFrame:
+    """One row per decoder: its text, token count, LM log-likelihood (total and per token),
+    CLIP cosine of the whole text with the image, and its repeated 2- and 3-grams."""
+    texts = [g.text for g in generations.values()]
+    cosines = analysis.caption_clip_score(models.clip, image, texts)
+    rows = []
+    for (name, gen), cos in zip(generations.items(), cosines):
+        ll = analysis.lm_log_likelihood(models.lm, gen.token_ids, prompt)
+        repeated = {**analysis.repeated_ngrams(gen.text, 2), **analysis.repeated_ngrams(gen.text, 3)}
+        rows.append(dict(decoder=name, text=gen.text, tokens=len(gen.token_ids), log_likelihood=ll,
+                         log_likelihood_per_token=ll / max(len(gen.token_ids), 1), clip_cosine=float(cos),
+                         repeated_2grams=sum(c - 1 for g, c in repeated.items() if g.count(" ") == 1),
+                         repeated="; ".join(f"“{g}” ×{c}" for g, c in repeated.items())))
+    return pd.DataFrame(rows)
+
+
+# -- a grid of settings ------------------------------------------------------------------------------
+SWEEP_VALUES = {
+    "clip_cosine": "CLIP cos(image, caption)",
+    "log_likelihood_per_token": "LM log-likelihood per token",
+    "repeated_2grams": "repeated bigrams",
+    "tokens": "length (tokens)",
+}
+
+
+class Sweep(W.VBox):
+    """MAGIC over a grid of alpha x beta (x k) on one image: a progress bar while it runs, then a
+    DataFrame (``sweep.frame``) and a heat map of the value picked."""
+
+    def __init__(self, models: ModelSet, image: Any = None, *, alphas: str = "0, 0.1, 0.3, 0.6",
+                 betas: str = "0, 0.5, 1, 2", ks: str | None = None) -> None:
+        self.models = models
+        self.picker = ImagePicker(models)
+        if image is not None:
+            self.picker.set_image(image)
+        style = {"description_width": "60px"}
+        self.alphas = W.Text(value=alphas, description="alphas", style=style)
+        self.betas = W.Text(value=betas, description="betas", style=style)
+        self.ks = W.Text(value=ks or str(models.defaults["k"]), description="k values", style=style)
+        self.length = _slider_settings(models)["length"]
+        self.prompt = W.Text(value=models.prompt or "", description="prompt", placeholder="(none)", style=style)
+        self.value = W.Dropdown(options=[(label, v) for v, label in SWEEP_VALUES.items()], value="clip_cosine",
+                                description="heat map", style=style)
+        self.run_button = W.Button(description="Run sweep", icon="play", button_style="primary")
+        self.progress = W.IntProgress(value=0, min=0, max=1, description="0 / 0", style=style)
+        self.message = W.HTML()
+        self.table = W.HTML()
+        self.plot = W.Image(format="png", layout=W.Layout(max_width="900px"))
+        self.frame = pd.DataFrame()
+
+        settings = W.VBox([self.alphas, self.betas, self.ks, self.length, self.prompt, self.value,
+                           W.HBox([self.run_button, self.progress])])
+        super().__init__([_row([self.picker, settings]), self.message, self.plot, self.table])
+        self.run_button.on_click(lambda _: self.run())
+        self.value.observe(lambda _: self._render_plot(), names="value")
+
+    def grid(self) -> list[tuple[int, float, float]]:
+        """The (k, alpha, beta) settings the sweep decodes, checked."""
+        ks = _number_list(self.ks.value, "k values", int)
+        alphas = _number_list(self.alphas.value, "alphas", float)
+        betas = _number_list(self.betas.value, "betas", float)
+        for a in alphas:
+            if not 0.0 <= a <= 1.0:
+                raise MagicEduError(f"alphas: every alpha must be between 0 and 1; got {a:g}")
+        for b in betas:
+            if not (b >= 0.0 and math.isfinite(b)):
+                raise MagicEduError(f"betas: every beta must be a number >= 0; got {b:g}")
+        for k in ks:
+            if not 1 <= k <= self.models.lm.vocab_size:
+                raise MagicEduError(f"k values: every k must be between 1 and {self.models.lm.vocab_size}; got {k}")
+        grid = list(itertools.product(ks, alphas, betas))
+        if len(grid) > MAX_SWEEP:
+            raise MagicEduError(f"the grid has {len(grid)} settings; at most {MAX_SWEEP} at a time, use fewer values")
+        return grid
+
+    @guarded
+    def run(self) -> None:
+        """Decode every setting of the grid (MAGIC), then show the table and the heat map."""
+        grid, image, prompt = self.grid(), self.picker.image, _prompt(self.prompt.value)
+        if image is None:
+            raise MagicEduError("image: pick a toy scene or a sample photo, or upload one")
+        lm, clip = self.models.lm, self.models.clip
+        self.progress.max, self.progress.value, self.progress.description = len(grid), 0, f"0 / {len(grid)}"
+        rows = []
+        for i, (k, alpha, beta) in enumerate(grid):
+            gen = Stepper(lm, "magic", clip=clip, image=image, k=k, alpha=alpha, beta=beta, prompt=prompt,
+                          max_new_tokens=self.length.value, record=False).run()[0]
+            ll = analysis.lm_log_likelihood(lm, gen.token_ids, prompt)
+            rows.append(dict(k=k, alpha=alpha, beta=beta, text=gen.text, tokens=len(gen.token_ids),
+                             log_likelihood_per_token=ll / max(len(gen.token_ids), 1),
+                             repeated_2grams=sum(c - 1 for c in analysis.repeated_ngrams(gen.text, 2).values())))
+            self.progress.value, self.progress.description = i + 1, f"{i + 1} / {len(grid)}"
+        frame = pd.DataFrame(rows)
+        frame.insert(4, "clip_cosine", analysis.caption_clip_score(clip, image, list(frame["text"])))
+        self.frame = frame
+        self.table.value = frame.to_html(index=False, float_format=lambda x: f"{x:.3f}", escape=True)
+        self._render_plot()
+
+    @guarded
+    def _render_plot(self) -> None:
+        if not self.frame.empty:
+            self.plot.value = figure_png(plots.plot_sweep(self.frame, self.value.value))
+
+    def snapshot(self) -> Figure:
+        """A static Figure: the heat map of the sweep (or a note that it has not run yet)."""
+        if self.frame.empty:
+            fig = Figure(figsize=(6, 1))
+            fig.text(0.5, 0.5, "the sweep has not run yet: press Run sweep", ha="center")
+            return fig
+        return plots.plot_sweep(self.frame, self.value.value)
+
+
+# -- latency ------------------------------------------------------------------------------------------
+def step_timings(models: ModelSet, image: Any = None, steps: int = 24) -> dict[str, float]:
+    """Median milliseconds of one **Next** in a :class:`StepThrough` on ``models`` (MAGIC with the
+    model set's defaults, the picker's default image unless ``image`` is given):
+
+    * ``next_ms``: the whole click (decode step, text, table, one-step plot);
+    * ``answer_ms``: the click without the plot (the text and the table update first);
+    * ``decode_step_ms``: ``Stepper.step`` alone; ``plot_ms``: drawing the plot as a PNG alone.
+
+    For the benchmark: the course asks for under 200 ms per step on the toy models."""
+    widget = StepThrough(models, image)
+    if widget.stepper is None:
+        raise MagicEduError("step_timings: the widget could not start a decode (see its message)")
+    times: dict[str, list[float]] = {"next_ms": [], "answer_ms": [], "decode_step_ms": [], "plot_ms": []}
+
+    def timed(key: str, action: Callable[[], Any]) -> None:
+        start = time.perf_counter()
+        action()
+        times[key].append(1000 * (time.perf_counter() - start))
+
+    while len(times["next_ms"]) < steps:
+        if widget.stepper.done:
+            widget.reset()
+            continue
+        timed("next_ms", widget.next_button.click)
+        widget.back()
+        widget.show_plot = False
+        timed("answer_ms", widget.next_button.click)
+        widget.show_plot = True
+        widget.stepper.back()
+        timed("decode_step_ms", widget.stepper.step)
+        timed("plot_ms", lambda: figure_png(plots.plot_step(widget.trace, -1)))
+    return {key: statistics.median(values) for key, values in times.items()}

@@ -1,0 +1,339 @@
+"""The widgets, driven as a student would: clicks, sliders, forcing a candidate, bad input."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from conftest import make_image  # noqa: E402
+from magic_edu import Stepper, analysis, shapes  # noqa: E402
+from magic_edu.presets import ModelSet, data_dir, load_models  # noqa: E402
+from magic_edu.widgets import CompareDecoders, ImagePicker, StepThrough, Sweep  # noqa: E402
+
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread, and do not fight other processes for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_lm, tiny_clip) -> ModelSet:
+    return ModelSet(name="tiny", kind="caption", lm=tiny_lm, clip=tiny_clip,
+                    defaults={"k": 5, "alpha": 0.3, "beta": 1.0, "max_new_tokens": 8})
+
+
+@pytest.fixture
+def image():
+    return make_image(3)
+
+
+def upload_entry(content: bytes, name: str = "mine.png") -> dict:
+    return {"name": name, "type": "image/png", "size": len(content), "content": memoryview(content),
+            "last_modified": datetime.now(timezone.utc)}
+
+
+def png_file(seed: int) -> bytes:
+    buf = io.BytesIO()
+    make_image(seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def visible_rows(w: StepThrough):
+    return [r for r in w.rows if r.layout.display != "none"]
+
+
+def no_error(w) -> None:
+    assert "Problem" not in w.message.value, w.message.value
+
+
+# -- StepThrough -------------------------------------------------------------------------------
+def test_step_through_next_shows_text_table_and_plot(models, image):
+    w = StepThrough(models, image)
+    no_error(w)
+    assert len(w.trace.steps) == 0 and "No step yet" in w.text_view.value
+    assert w.back_button.disabled and not w.next_button.disabled and visible_rows(w) == []
+    for _ in range(3):
+        w.next_button.click()
+    no_error(w)
+    trace = w.trace
+    assert len(trace.steps) == 3
+    newest = trace.steps[-1]
+    # the text so far, the newest token marked
+    assert "◀ newest" in w.text_view.value
+    label = analysis.token_label(newest.chosen_token)
+    assert w.text_view.value.index(label.replace("&", "&amp;")) < w.text_view.value.index("◀ newest")
+    # the table: one row per candidate of the latest step, the chosen one marked
+    rows = visible_rows(w)
+    assert len(rows) == newest.k == 5
+    for i, row in enumerate(rows):
+        assert f"#{i + 1}" in row.cells.value
+        assert f"{newest.lm_prob[i]:.3f}" in row.cells.value and f"{newest.score[i]:.3f}" in row.cells.value
+    assert "▶ chosen" in rows[newest.chosen].cells.value
+    assert rows[newest.chosen].force.disabled and rows[newest.chosen].force.description == "taken"
+    assert w.candidate_frame()["token_id"].tolist() == newest.token_ids
+    # the one-step plot
+    assert bytes(w.plot.value).startswith(PNG)
+    assert w.view.value == 2 and w.view.max == 2
+
+
+def test_back_undoes_a_step_and_reset_clears(models, image):
+    w = StepThrough(models, image)
+    for _ in range(3):
+        w.next_button.click()
+    ids, plot_after_2 = w.stepper.token_ids(), None
+    w.back_button.click()
+    assert w.stepper.token_ids() == ids[:2] and len(w.trace.steps) == 2
+    assert w.shown_record().step == 1
+    plot_after_2 = bytes(w.plot.value)
+    w.next_button.click()
+    assert w.stepper.token_ids() == ids  # the same decode again
+    w.back_button.click()
+    assert bytes(w.plot.value) == plot_after_2
+    w.reset_button.click()
+    assert len(w.trace.steps) == 0 and w.back_button.disabled and visible_rows(w) == []
+    w.back_button.click()  # nothing to undo: a message, not a traceback
+    assert "nothing to undo" in w.message.value
+
+
+def test_force_a_candidate_and_the_decode_goes_on_from_it(models, image):
+    w = StepThrough(models, image)
+    w.next_button.click()
+    w.next_button.click()
+    record = w.shown_record()
+    pick = next(i for i in range(record.k) if i != record.chosen)
+    forced_id = record.token_ids[pick]
+    w.rows[pick].force.click()
+    no_error(w)
+    shown = w.shown_record()
+    assert shown.step == 1 and shown.forced and shown.chosen == pick and shown.chosen_token_id == forced_id
+    assert w.stepper.token_ids()[1] == forced_id
+    assert "forced" in w.text_view.value and "▶ forced" in w.rows[pick].cells.value
+    # continue: the next step starts from the forced token
+    w.next_button.click()
+    assert len(w.trace.steps) == 3 and w.trace.steps[2].text == models.lm.output_text(w.stepper.token_ids()[:2])
+    # the same as a decode told to take that token
+    s = Stepper(models.lm, "magic", models.clip, image, k=5, alpha=0.3, beta=1.0, max_new_tokens=8)
+    s.step()
+    s.step(force=forced_id)
+    s.step()
+    assert w.stepper.token_ids() == s.token_ids()
+
+
+def test_force_at_an_earlier_step_redecodes_to_the_end(models, image):
+    w = StepThrough(models, image)
+    w.run_button.click()
+    assert w.stepper.done and w.next_button.disabled and "Ended" in w.text_view.value
+    w.view.value = 0  # look at the first step
+    record = w.shown_record()
+    assert record.step == 0 and bytes(w.plot.value).startswith(PNG)
+    pick = (record.chosen + 1) % record.k
+    w.rows[pick].force.click()
+    no_error(w)
+    assert w.stepper.token_ids()[0] == record.token_ids[pick]
+    assert w.stepper.done  # it had run to the end, so the new path does too
+    assert w.trace.steps[0].forced and not any(s.forced for s in w.trace.steps[1:])
+    assert w.view.value == 0
+
+
+def test_next_after_the_end_shows_a_message(models, image):
+    w = StepThrough(models, image)
+    w.run_button.click()
+    w.next_button.click()
+    assert "has ended" in w.message.value and "Traceback" not in w.message.value
+
+
+def test_settings_redecode_to_the_same_step(models, image):
+    w = StepThrough(models, image)
+    for _ in range(3):
+        w.next_button.click()
+    w.alpha.value = 0.8
+    no_error(w)
+    assert w.trace.settings["alpha"] == 0.8 and len(w.trace.steps) == 3
+    w.k.value = 7
+    assert w.shown_record().k == 7 and len(visible_rows(w)) == 7
+    w.decoder.value = "greedy"
+    no_error(w)
+    assert w.beta.disabled and w.alpha.disabled and not w.length.disabled
+    assert w.trace.settings["decoder"] == "greedy" and len(w.trace.steps) == 3
+    assert "–" in visible_rows(w)[0].cells.value  # no penalty for greedy
+    w.decoder.value = "top_k"
+    assert not w.seed.disabled and not w.k.disabled
+
+
+def test_bad_settings_show_a_message_in_the_widget(models, image):
+    w = StepThrough(models, image)
+    w.next_button.click()
+    w.prompt.value = "a red circle " * 60  # longer than the model's context
+    assert "Problem" in w.message.value and "max_new_tokens" in w.message.value
+    assert len(w.trace.steps) == 1  # the previous decode stays
+    w.prompt.value = ""
+    no_error(w)
+    w.force(99)
+    assert "candidate index" in w.message.value
+
+
+def test_image_picker_scenes_photos_and_uploads(models):
+    picker = ImagePicker(models, source="scene", seed=9_000_001)
+    scene = shapes.make_scene(9_000_001)
+    assert np.array_equal(np.asarray(picker.image), np.asarray(scene.image))
+    assert "9000001" in picker.caption.value and bytes(picker.preview.value).startswith(PNG)
+    seen = []
+    picker.on_change(lambda: seen.append(picker.description))
+    picker.new_scene.click()
+    assert picker.seed.value != 9_000_001 and seen == [f"toy scene {picker.seed.value}"]
+    picker.source.value = "photo"
+    assert picker.image.size == (451, 300) and "chelsea" in picker.description
+    picker.source.value = "upload"
+    assert "choose an image file" in picker.message.value
+    picker.upload.value = (upload_entry(b"not an image at all", "notes.png"),)
+    assert "not a readable image" in picker.message.value and "notes.png" in picker.message.value
+    assert "chelsea" in picker.description  # the image did not change
+    picker.upload.value = (upload_entry(png_file(5)),)
+    assert "Problem" not in picker.message.value
+    assert picker.image.size == (40, 32) and "mine.png" in picker.description
+    picker.seed.value = 9_000_002  # a scene control switches back to scenes
+    assert picker.source.value == "scene" and picker.description == "toy scene 9000002"
+
+
+def test_step_through_follows_the_picker(models, image):
+    w = StepThrough(models, image)
+    w.next_button.click()
+    w.next_button.click()
+    first = w.trace.steps[0].clip_cosine
+    w.picker.upload.value = (upload_entry(png_file(11)),)  # uploading switches to the upload
+    assert w.picker.source.value == "upload"
+    no_error(w)
+    assert len(w.trace.steps) == 2 and w.trace.steps[0].clip_cosine != first
+    w.picker.upload.value = (upload_entry(b"\x89PNG broken"),)
+    assert "not a readable image" in w.picker.message.value
+    no_error(w)
+
+
+def test_step_through_snapshot_is_a_static_figure(models, image):
+    before = plt.get_fignums()
+    w = StepThrough(models, image)
+    empty = w.snapshot()
+    assert isinstance(empty, Figure)
+    w.next_button.click()
+    w.next_button.click()
+    fig = w.snapshot()
+    assert isinstance(fig, Figure) and len(fig.axes) >= 2
+    assert "[" + analysis.token_label(w.trace.steps[-1].chosen_token) + "]" in fig._suptitle.get_text()
+    assert plt.get_fignums() == before  # nothing left open in pyplot
+
+
+# -- CompareDecoders -------------------------------------------------------------------------
+def test_compare_decoders_side_by_side(models, image):
+    w = CompareDecoders(models, image)
+    no_error(w)
+    frame = w.frame
+    assert list(frame["decoder"]) == ["greedy", "contrastive", "magic", "top_k"]
+    gens = w.generations
+    assert w.divergence == analysis.divergence_step([gens[n].token_ids for n in ("greedy", "contrastive", "magic")])
+    if w.divergence is not None:
+        assert f"split at step {w.divergence}" in w.summary.value
+    leaves = analysis.divergence_step([gens["greedy"].token_ids, gens["top_k"].token_ids])
+    assert w.leaves["top_k"] == leaves
+    assert (f"leaves the greedy path at step {leaves}" if leaves is not None else "all the way") in w.summary.value
+    for (_, row), gen in zip(frame.iterrows(), gens.values()):
+        assert row["text"] == gen.text
+        assert row["log_likelihood"] == pytest.approx(analysis.lm_log_likelihood(models.lm, gen.token_ids))
+        assert row["log_likelihood_per_token"] == pytest.approx(row["log_likelihood"] / len(gen.token_ids))
+        assert row["clip_cosine"] == pytest.approx(float(analysis.caption_clip_score(models.clip, image, gen.text)),
+                                                   abs=1e-6)
+        assert f"{row['log_likelihood']:.2f}" in w.table.value
+    assert bytes(w.plot.value).startswith(PNG)
+    # contrastive search uses MAGIC's k and alpha; beta = 0 would make MAGIC the same as it
+    w.beta.value = 0.0
+    assert w.generations["magic"].token_ids == w.generations["contrastive"].token_ids
+    w.sampler.value = "nucleus"
+    assert list(w.frame["decoder"])[-1] == "nucleus"
+    fig = w.snapshot()
+    assert isinstance(fig, Figure)
+
+
+def test_compare_decoders_reports_repeats_and_bad_settings(models, image):
+    w = CompareDecoders(models, image)
+    greedy = w.generations["greedy"].text
+    expected = analysis.repeated_ngrams(greedy, 2)
+    assert w.frame.loc[0, "repeated_2grams"] == sum(c - 1 for c in expected.values())
+    w.prompt.value = "x " * 300
+    assert "Problem" in w.message.value
+
+
+# -- Sweep -----------------------------------------------------------------------------------
+def test_sweep_runs_a_grid_with_progress(models, image):
+    w = Sweep(models, image, alphas="0, 0.5", betas="0, 1", ks="3")
+    assert w.frame.empty and isinstance(w.snapshot(), Figure)
+    w.length.value = 4
+    w.run_button.click()
+    no_error(w)
+    assert w.progress.value == w.progress.max == 4 and w.progress.description == "4 / 4"
+    frame = w.frame
+    assert len(frame) == 4 and set(zip(frame["alpha"], frame["beta"])) == {(0, 0), (0, 1), (0.5, 0), (0.5, 1)}
+    gen = Stepper(models.lm, "magic", models.clip, image, k=3, alpha=0.5, beta=1.0, max_new_tokens=4).run()[0]
+    row = frame[(frame["alpha"] == 0.5) & (frame["beta"] == 1.0)].iloc[0]
+    assert row["text"] == gen.text and row["tokens"] == len(gen.token_ids)
+    assert bytes(w.plot.value).startswith(PNG) and "<table" in w.table.value
+    before = bytes(w.plot.value)
+    w.value.value = "log_likelihood_per_token"
+    assert bytes(w.plot.value) != before
+    assert isinstance(w.snapshot(), Figure)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("alphas", "0, abc", "not a list of numbers"),
+    ("alphas", "0.2, 1.5", "between 0 and 1"),
+    ("betas", "", "at least one value"),
+    ("ks", "0", "every k must be"),
+    ("alphas", ", ".join(str(i / 100) for i in range(100)), "at most"),  # x 4 betas = 400 settings
+])
+def test_sweep_bad_grids_show_a_message(models, image, field, value, expected):
+    w = Sweep(models, image, alphas="0", betas="0, 1, 2, 3", ks="2")
+    getattr(w, field).value = value
+    w.run_button.click()
+    assert expected in w.message.value and w.frame.empty
+
+
+# -- the real toy models ---------------------------------------------------------------------
+def test_widgets_on_the_toy_models():
+    if not (data_dir() / "toy" / "defaults.json").is_file():
+        pytest.skip(f"the toy models are not trained yet: {data_dir() / 'toy'} has no defaults.json "
+                    "(python -m magic_edu.toy_training --out data/toy)")
+    toy = load_models("toy")
+    w = StepThrough(toy)
+    no_error(w)
+    assert w.picker.source.value == "scene"
+    w.next_button.click()
+    w.next_button.click()
+    record = w.shown_record()
+    assert len(visible_rows(w)) == toy.defaults["k"]
+    pick = (record.chosen + 1) % record.k
+    w.rows[pick].force.click()
+    assert w.stepper.token_ids()[record.step] == record.token_ids[pick]
+    w.run_button.click()
+    no_error(w)
+    assert w.stepper.done and w.stepper.text() in w.text_view.value
+    compare = CompareDecoders(toy)
+    no_error(compare)
+    assert len(compare.frame) == 4
+    sweep = Sweep(toy, alphas="0.1", betas="0, 1")
+    sweep.run_button.click()
+    no_error(sweep)
+    assert len(sweep.frame) == 2
