@@ -192,8 +192,11 @@ class LanguageModel:
         the ``h`` of the paper's degeneration penalty.
         """
         kwargs = {self._cache_kwarg: cache, "use_cache": True, "output_hidden_states": True}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
+        if attention_mask is None:  # nothing is padded; saying so keeps transformers from guessing
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
+                                        device=input_ids.device)
+        kwargs["attention_mask"] = attention_mask
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         out = self.model(input_ids=input_ids, **kwargs)
