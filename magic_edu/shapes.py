@@ -4,11 +4,12 @@ A scene is 1 to 3 coloured shapes on a plain background, rendered deterministica
 seed. Each scene comes with its attributes (what is where), reference captions from varied
 templates and a short story in the paper's story format (a title, then 2 to 4 sentences).
 
-    >>> scene = make_scene(7)
-    >>> scene.image                     # a 96 x 96 PIL image
-    >>> scene.objects                   # [ShapeObject(colour='red', shape='circle', ...), ...]
-    >>> scene.captions                  # ['a red circle.', 'there is a small red circle on the left.', ...]
-    >>> grounding("a red circle.", scene.objects).any_right
+    scene = make_scene(7)
+    scene.image                     # a 96 x 96 PIL image
+    scene.objects                   # [ShapeObject(colour='red', shape='circle', ...), ...]
+    scene.captions                  # ['a red circle.', 'there is a small red circle on the left.', ...]
+    scene.title, scene.story        # 'a new friend', 'there was a red circle. it was very happy.'
+    grounding("a red circle.", scene.objects).any_right
 
 The caption grammar below is also a parser: :func:`text_consistent` says whether a caption,
 or any prefix of one, could have been written about a given scene. The toy CLIP is trained

@@ -1,6 +1,6 @@
 """Train ShapesWorld's two models the paper's way, from scratch, on a CPU.
 
-    python -m magic_edu.toy_training --out data/toy           # everything, about 10-15 min
+    python -m magic_edu.toy_training --out data/toy           # everything, about 15 min on 2 cores
     python -m magic_edu.toy_training --out /tmp/toy --quick   # a miniature, under a minute
 
 It writes
@@ -15,13 +15,22 @@ It writes
 One LM serves captions (``<-start_of_text-> caption <|endoftext|>``) and stories
 (``title <|endoftext|> story <|endoftext|>``, prompted with ``title + " " + EOS``).
 
-CLIP is trained on (image, text) pairs where the texts are whole captions, caption
-prefixes and story prefixes. The target is multi-positive: text j is a positive for image i
-whenever the caption grammar could have written it (or a text starting with it) about scene i
-(:func:`magic_edu.shapes.text_consistent`). That copes with duplicate captions in a batch
-and teaches CLIP to score the partial captions MAGIC shows it at every step. Each batch
-holds scenes in pairs that differ in one attribute (hard negatives), plus a few ungrammatical
-texts that fit no scene.
+CLIP (ModifiedResNet image tower at 64 px, 2-layer text tower) is trained contrastively on
+(image, text) pairs. The target is multi-positive: text j is a positive for image i whenever
+the caption (or story) grammar could have written it, or a text starting with it, about scene
+i (:func:`magic_edu.shapes.text_consistent`). That copes with duplicate captions in a batch
+and teaches CLIP to score the partial captions MAGIC shows it at every step. Two phases:
+
+1. single-object scenes only, each with one whole caption and its *counterfactuals* (the
+   same caption with another shape word). Shape is what CLIP learns last; without this
+   phase it stayed at chance for hundreds of steps while colour was learned at once;
+2. scenes in pairs that differ in one attribute (hard negatives), each with whole captions,
+   caption prefixes and story prefixes, their counterfactuals, and a junk continuation
+   (a prefix plus a word no template puts there, positive for no image: the kind of
+   candidate MAGIC meets among the LM's top k).
+
+The two LMs train in a second process while CLIP trains (one core each). Then k, alpha and
+beta are tuned with the library's own ``magic_search`` on validation scenes.
 
 Seeds: training scenes come from seeds below 1,000,000; tuning uses 5,000,000+;
 the results table and the tests use 9,000,000+ (never seen in training).
@@ -733,7 +742,8 @@ def story_examples(out: Path = Path("data/toy"), n: int = 4, image_dir: Path | N
             image_dir.mkdir(parents=True, exist_ok=True)
             s.image.save(image_dir / f"story_{s.seed}.png")
             lines.append(f"![scene {s.seed}]({image_dir.name}/story_{s.seed}.png)")
-        lines.append(f"**{st.get('prompt', STORY_PROMPT)}**: {g.text}\n")
+        truth = ", ".join(f"{o.size} {o.colour} {o.shape} ({o.position})" for o in s.objects)
+        lines.append(f"**{st.get('prompt', STORY_PROMPT)}**: {g.text}  (image: {truth})\n")
     return "\n".join(lines) + "\n"
 
 

@@ -298,13 +298,13 @@ def test_story_clip_scores_only_the_continuation(paper_hub):
     models = load_models("story")
     lm, clip = models.lm, models.clip
     seen: list[str] = []
-    embed_texts = clip.embed_texts
+    embed_text_groups = clip.embed_text_groups
 
-    def spy(texts):
-        seen.extend(texts)
-        return embed_texts(texts)
+    def spy(groups):
+        seen.extend(t for group in groups for t in group)
+        return embed_text_groups(groups)
 
-    clip.embed_texts = spy
+    clip.embed_text_groups = spy
     title = "the boy kicked the ball"
     settings = models.settings(title)
     assert settings["max_new_tokens"] == 100 - len(lm.prefix_ids(title))

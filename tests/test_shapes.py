@@ -198,9 +198,9 @@ def test_relation_captions_are_true():
             for rel in shapes.RELATIONS:
                 if f" {rel} " in c:
                     a, b = caption_mentions(c)
-                    assert any(shapes.relation_holds(rel, oa.position, ob.position)
-                               for oa in s.objects for ob in s.objects
-                               if oa is not ob and (oa.colour, oa.shape) == a[1:3] and (ob.colour, ob.shape) == b[1:3]), c
+                    pairs = [(oa, ob) for oa in s.objects for ob in s.objects if oa is not ob
+                             and (oa.colour, oa.shape) == a[1:3] and (ob.colour, ob.shape) == b[1:3]]
+                    assert any(shapes.relation_holds(rel, oa.position, ob.position) for oa, ob in pairs), c
 
 
 def test_story_format():

@@ -180,7 +180,7 @@ def test_bad_settings_show_a_message_in_the_widget(models, image):
     w = StepThrough(models, image)
     w.next_button.click()
     w.prompt.value = "a red circle " * 60  # longer than the model's context
-    assert "Problem" in w.message.value and "max_new_tokens" in w.message.value
+    assert "Problem" in w.message.value and "prompt" in w.message.value
     assert len(w.trace.steps) == 1  # the previous decode stays
     w.prompt.value = ""
     no_error(w)
