@@ -224,10 +224,14 @@ def run_benchmarks(which: str = "all", device: str | None = None, repeats: int =
             print_fn("  " + line)
         print_fn(f"  StepThrough step (Stepper.step + trace record): "
                  f"{step_latency(models.lm, models.clip, d['k'], d['alpha'], d['beta']):.1f} ms")
-        from .widgets import step_timings
-
-        widget = step_timings(models)
-        print_fn("  StepThrough widget, one Next click: " + ", ".join(f"{key} {ms:.0f}" for key, ms in widget.items()))
+        try:
+            from .widgets import step_timings
+        except ImportError as err:  # a machine without ipywidgets (e.g. a bare GPU box)
+            print_fn(f"  StepThrough widget: not measured ({err})")
+        else:
+            widget = step_timings(models)
+            print_fn("  StepThrough widget, one Next click (ms): "
+                     + ", ".join(f"{key} {ms:.0f}" for key, ms in widget.items()))
     if which in ("all", "paper-size"):
         lm, clip = gpt2_small(), clip_vit_b32()
         lm.model.to(device)
