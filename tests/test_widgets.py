@@ -12,7 +12,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from conftest import make_image  # noqa: E402
@@ -21,15 +20,6 @@ from magic_edu.presets import ModelSet, data_dir, load_models  # noqa: E402
 from magic_edu.widgets import CompareDecoders, ImagePicker, StepThrough, Sweep  # noqa: E402
 
 PNG = b"\x89PNG"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and do not fight other processes for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
