@@ -204,7 +204,8 @@ def test_trace_score_identity_and_columns(tiny_lm, tiny_clip):
     logits = tiny_lm.model(torch.tensor([tiny_lm.prefix_ids(None)])).logits[0, -1]
     probs = torch.softmax(logits.double(), -1)
     step0 = df[df.step == 0]
-    assert torch.allclose(torch.tensor(step0.lm_prob.values), probs[step0.token_id.values], atol=1e-6)
+    assert torch.allclose(torch.tensor(step0.lm_prob.to_numpy(copy=True)), probs[step0.token_id.to_numpy(copy=True)],
+                          atol=1e-6)
     assert gen.trace.settings["decoder"] == "magic" and gen.trace.settings["beta"] == beta
 
 
