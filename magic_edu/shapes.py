@@ -28,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 # -----------------------------------------------------------------------------
@@ -92,6 +93,7 @@ class Scene:
     captions: list[str] = field(default_factory=list)
     title: str = ""
     story: str = ""
+    texture: str = "none"
 
 
 # -----------------------------------------------------------------------------
@@ -140,7 +142,8 @@ def shape_polygon(shape: str, cx: float, cy: float, r: float, rotation: float) -
 def render(
     objects: list[ShapeObject], background: str, rng: random.Random, size: int = IMAGE_SIZE, texture: str = "none"
 ) -> Image.Image:
-    """Draw the (placed) objects, 4x supersampled for smooth edges."""
+    """Draw the (placed) objects, 4x supersampled for smooth edges. ``texture``: "none",
+    "grid", "dots" or "noise"; all randomness comes from ``rng`` (never a global state)."""
     s = 4
     img = Image.new("RGB", (size * s, size * s), BACKGROUNDS[background])
     draw = ImageDraw.Draw(img)
@@ -161,9 +164,9 @@ def render(
         else:
             draw.polygon(shape_polygon(o.shape, cx, cy, r, o.rotation), fill=o.rgb)
     img = img.reduce(s)  # box filter: each pixel the mean of its 4 x 4 samples
-    if texture == "noise":
-        noise = Image.effect_noise((size, size), 40).convert("RGB")  # grey, per-pixel random
-        img = Image.blend(img, noise, 0.05)
+    if texture == "noise":  # light grey grain, from the scene's own random stream
+        grain = np.random.default_rng(rng.getrandbits(32)).normal(0.0, 5.0, (size, size, 1))
+        img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + grain, 0, 255).astype(np.uint8))
     return img
 
 
@@ -179,7 +182,7 @@ def make_scene(
     image = render(objects, background, rng, size, texture)
     captions = sample_captions(objects, rng, n_captions)
     title, story = make_story(objects, rng)
-    return Scene(seed, image, objects, background, captions, title, story)
+    return Scene(seed, image, objects, background, captions, title, story, texture)
 
 
 def perturb(objects: list[ShapeObject], rng: random.Random) -> list[ShapeObject]:

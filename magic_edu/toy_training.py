@@ -795,10 +795,10 @@ def train_all(out: Path, cfg: TrainConfig) -> dict:
     summary["clip_seconds"] = round(time.time() - t1, 1)
     summary["clip_zero_shot"] = acc
     if cfg.threads >= 2:
-        summary["lm_seconds"] = round(queue.get(), 1)
         lm_proc.join()
         if lm_proc.exitcode != 0:
             raise RuntimeError(f"training the language models failed (exit code {lm_proc.exitcode})")
+        summary["lm_seconds"] = round(queue.get(timeout=60), 1)
         torch.set_num_threads(cfg.threads)
 
     if cfg.tune_scenes:

@@ -98,6 +98,18 @@ def test_scene_is_deterministic_from_its_seed():
     assert make_scene(124).image.tobytes() != a.image.tobytes()
 
 
+def test_every_texture_is_deterministic():
+    """No global random state: a scene renders the same whatever was rendered before it."""
+    by_texture = {}
+    for seed in range(200):
+        by_texture.setdefault(make_scene(seed, n_captions=1).texture, seed)
+    assert set(by_texture) == {"none", "grid", "dots", "noise"}
+    first = {t: make_scene(s, n_captions=1).image.tobytes() for t, s in by_texture.items()}
+    for seed in range(200, 220):
+        make_scene(seed, n_captions=1)
+    assert first == {t: make_scene(s, n_captions=1).image.tobytes() for t, s in by_texture.items()}
+
+
 def test_palette_is_the_specified_one():
     assert shapes.COLOURS["red"] == (220, 30, 30)
     assert shapes.COLOURS["green"] == (40, 160, 60)
