@@ -6,9 +6,10 @@ every step:
 
 1. V(k) = the k tokens of highest p(v|x); p is the softmax over the whole vocabulary
    (not renormalised over the k).
-2. One LM forward of the k candidates as one batch on top of the KV cache (the prefix is
-   never re-encoded) gives each candidate's last-layer hidden state h_v (after the final
-   layer norm) and the next step's logits.
+2. One LM forward of the k candidates side by side on top of the KV cache, each seeing the
+   cache and itself only (the prefix is never re-encoded, the cache never copied k times),
+   gives each candidate's last-layer hidden state h_v (after the final layer norm); the
+   chosen one's logits are the next step's.
 3. degeneration_penalty(v) = max_j cos(h_v, h_j) over every previous position j,
    prefix included.
 4. clip_score(v) = softmax over V(k) of logit_scale * cos(CLIP_image(I), CLIP_text(t_v)),
@@ -231,8 +232,7 @@ class Stepper:
         """Contrastive / MAGIC search: score the top-k candidates, take the best."""
         b, k = self.batch_size, self.k
         lm_prob, candidates = probs.topk(k, dim=-1)  # (B, k), most probable first
-        logits_k, hidden_k, cache_k = self.lm.forward(candidates.reshape(-1, 1), cache=_repeat_rows(s.cache, k))
-        hidden_k = hidden_k[:, -1].reshape(b, k, -1)
+        hidden_k, cache_k = self.lm.forward_candidates(candidates.to(self.lm.device), s.cache)  # (B, k, d)
         penalty, position, cosines = degeneration_penalty(hidden_k.double(), s.hidden.double())
         if self.scorer is not None:
             clip_texts, clip_cosine, clip_score = self.scorer(s.generated, candidates)
@@ -242,12 +242,12 @@ class Stepper:
         chosen = score.argmax(dim=-1)  # the first maximum: ties go to the more probable
         if force is not None:
             chosen[0] = _index_of(force, candidates[0])
-        rows = torch.arange(b, device=chosen.device) * k + chosen
-        rows_lm = rows.to(logits_k.device)
+        chosen_lm = chosen.to(hidden_k.device)
+        chosen_hidden = hidden_k[torch.arange(b, device=chosen_lm.device), chosen_lm]  # (B, d)
         new = self._advance(
             s, candidates.gather(1, chosen[:, None])[:, 0].tolist(),
-            _select_rows(cache_k, rows_lm), logits_k[rows_lm, -1], hidden_k[torch.arange(b), chosen][:, None],
-            s.rng_state,
+            _keep_candidate(cache_k, s.hidden.shape[1], chosen_lm), self.lm.logits(chosen_hidden),
+            chosen_hidden[:, None], s.rng_state,
         )
         parts = dict(ids=candidates, lm_prob=lm_prob, penalty=penalty, position=position, clip_texts=clip_texts,
                      clip_cosine=clip_cosine, clip_score=clip_score if self.scorer is not None else None,
@@ -269,7 +269,7 @@ class Stepper:
             gen.set_state(s.rng_state)
             chosen_ids = _sample(probs.cpu(), self.decoder, self.k, self.p, gen)
             rng_state = gen.get_state()
-        logits, hidden, cache = self.lm.forward(chosen_ids[:, None].to(self.lm.device), cache=_copy(s.cache))
+        logits, hidden, cache = self.lm.forward(chosen_ids[:, None].to(self.lm.device), cache=s.cache)
         new = self._advance(s, chosen_ids.tolist(), cache, logits[:, -1], hidden, rng_state)
         # the trace shows the most probable tokens, plus the sampled one where it is not among them
         ids, lm_prob, chosen = [], [], []
@@ -405,12 +405,16 @@ def _repeat_rows(cache: Any, n: int) -> DynamicCache:
     return DynamicCache([(key.repeat_interleave(n, 0), value.repeat_interleave(n, 0)) for key, value, *_ in cache])
 
 
-def _select_rows(cache: Any, rows: torch.Tensor) -> DynamicCache:
-    return DynamicCache([(key[rows], value[rows]) for key, value, *_ in cache])
-
-
-def _copy(cache: Any) -> DynamicCache:
-    return DynamicCache([(key, value) for key, value, *_ in cache])
+def _keep_candidate(cache: Any, past: int, chosen: torch.Tensor) -> DynamicCache:
+    """From the cache of ``LanguageModel.forward_candidates`` (``past`` positions, then the k
+    candidates), a new cache of the ``past`` positions plus each row's chosen candidate."""
+    rows = torch.arange(len(chosen), device=chosen.device)
+    at = past + chosen
+    return DynamicCache([
+        (torch.cat([key[:, :, :past], key[rows, :, at][:, :, None]], dim=2),
+         torch.cat([value[:, :, :past], value[rows, :, at][:, :, None]], dim=2))
+        for key, value, *_ in cache
+    ])
 
 
 def _row(x: Any, row: int) -> Any:

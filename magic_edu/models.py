@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .clip_tokens import ClipTokenizer
 from .errors import MagicEduError
 from .inputs import ImageLike, load_image
 
@@ -67,6 +68,7 @@ class LanguageModel:
         )
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._keeps_logits = "logits_to_keep" in params
         self._token_text_cache: dict[int, str] = {}
 
     def _token_id(self, token: str, name: str) -> int:
@@ -173,35 +175,75 @@ class LanguageModel:
 
     def clip_texts(self, batch: Sequence[Sequence[int]]) -> list[str]:
         """:meth:`clip_text` of many id lists in one tokenizer call."""
-        texts = self.tokenizer.batch_decode([list(ids) for ids in batch], skip_special_tokens=False,
-                                            clean_up_tokenization_spaces=False)
+        batch = [list(ids) for ids in batch]
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:  # a fast tokenizer: its Rust decoder directly, as ``decode`` does
+            texts = backend.decode_batch(batch, skip_special_tokens=False)
+        else:
+            texts = self.tokenizer.batch_decode(batch, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return [t.split(self.eos_token, 1)[0] for t in texts]
 
     # -- the forward ------------------------------------------------------------------
     @torch.no_grad()
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        cache: Any = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """One forward: (logits, last-layer hidden states, cache), all positions.
+    def forward(self, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One forward of ``input_ids`` (B, S) after ``cache``: (logits, last-layer hidden
+        states, new cache), all S positions.
 
         The hidden states are transformers' ``hidden_states[-1]`` (after the final layer norm),
-        the ``h`` of the paper's degeneration penalty.
+        the ``h`` of the paper's degeneration penalty. ``cache`` is not modified.
         """
-        kwargs = {self._cache_kwarg: cache, "use_cache": True, "output_hidden_states": True}
-        if attention_mask is None:  # nothing is padded; saying so keeps transformers from guessing
-            past = cache.get_seq_length() if cache is not None else 0
-            attention_mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long,
-                                        device=input_ids.device)
-        kwargs["attention_mask"] = attention_mask
+        past = cache.get_seq_length() if cache is not None else 0
+        # nothing is padded; saying so keeps transformers from guessing
+        mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+        return self._forward(input_ids, _copy_cache(cache), mask)
+
+    @torch.no_grad()
+    def forward_candidates(self, candidates: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+        """The k candidate next tokens of every row (B, k), side by side in one forward.
+
+        Candidate i sits at the next position (T = the cache's length) and attends to the T
+        cached positions and to itself only, never to the other candidates: its hidden state is
+        exactly that of the one-token forward of [cache, i], without copying the cache k times.
+        Returns (last-layer hidden states (B, k, d), the cache of T + k positions); logits are
+        left out (see :meth:`logits` for the chosen candidate's). ``cache`` is not modified.
+        """
+        b, k = candidates.shape
+        past = cache.get_seq_length()
+        blocked = torch.finfo(self.dtype).min
+        mask = torch.full((k, past + k), blocked, dtype=self.dtype, device=candidates.device)
+        mask[:, :past] = 0.0
+        mask[:, past:].fill_diagonal_(0.0)
+        positions = torch.full((b, k), past, dtype=torch.long, device=candidates.device)
+        _, hidden, new_cache = self._forward(candidates, _copy_cache(cache), mask.expand(b, 1, k, past + k),
+                                             positions, logits=False)
+        return hidden, new_cache
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from last-layer hidden states (the LM head)."""
+        return self.model.get_output_embeddings()(hidden)
+
+    def _forward(self, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None, logits: bool = True) -> tuple[Any, torch.Tensor, Any]:
+        kwargs = {self._cache_kwarg: cache, "use_cache": True, "output_hidden_states": True,
+                  "attention_mask": attention_mask}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
+        if not logits and self._keeps_logits:  # no LM head over the whole vocabulary for every position
+            kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         out = self.model(input_ids=input_ids, **kwargs)
         new_cache = getattr(out, "cache", None) if self._cache_kwarg == "cache" else out.past_key_values
-        return out.logits, out.hidden_states[-1], new_cache
+        return (out.logits if logits else None), out.hidden_states[-1], new_cache
+
+
+def _copy_cache(cache: Any) -> Any:
+    """A new cache object holding the same tensors: a forward appends to the copy and leaves
+    ``cache`` (an earlier decode state) as it was."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        return None
+    return DynamicCache([(key, value) for key, value, *_ in cache])
 
 
 def keep_sentences(text: str, n: int) -> str:
@@ -229,6 +271,9 @@ class ImageTextMatcher:
         self.logit_scale = float(model.logit_scale.exp().item())
         self._tower = _causal_text_tower(model)
         self._blocks = _plain_blocks(self._tower) if self._tower is not None else None
+        self._clip_tokenizer = ClipTokenizer(tokenizer)
+        self.remember_prefixes = True  # reuse the text tower's work on a prefix across calls (MAGIC steps)
+        self.prefix_memo = PrefixMemo()
 
     @classmethod
     def from_pretrained(
@@ -260,12 +305,9 @@ class ImageTextMatcher:
         return emb[0] if single else emb
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """open_clip token ids, trimmed to the longest text (exact for causal towers)."""
-        ids = self.tokenizer(list(texts))
-        if self._tower is not None:
-            used = (ids != 0).any(dim=0).nonzero()
-            ids = ids[:, : int(used.max()) + 1] if len(used) else ids[:, :1]
-        return ids.to(self.device)
+        """open_clip token ids, trimmed to the longest text (exact for causal towers);
+        words seen before are not tokenised again (:mod:`magic_edu.clip_tokens`)."""
+        return self._clip_tokenizer(texts, trim=self._tower is not None).to(self.device)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -298,7 +340,8 @@ class ImageTextMatcher:
         elif not share:
             emb = _encode_text_trimmed(self._tower, ids.view(g * n, length))
         else:
-            emb = _encode_text_shared_prefix(self._tower, self._blocks, ids)
+            emb = _encode_text_shared_prefix(self._tower, self._blocks, ids,
+                                             self.prefix_memo if self.remember_prefixes else None)
         return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(g, n, -1)
 
     def text_cosines(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
@@ -365,28 +408,88 @@ def _attend(block: Any, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor]
     return x, (k, v)
 
 
-def _encode_text_shared_prefix(tower: Any, blocks: list[Any], ids: torch.Tensor) -> torch.Tensor:
+class PrefixMemo:
+    """The text tower's keys and values of recently encoded token prefixes, per block.
+
+    A causal tower's keys and values at position i depend on tokens 0..i only, so a prefix
+    encoded at one MAGIC step (the caption so far) is valid at the next step for any text that
+    starts with the same tokens. Entries of the last two calls are kept; a text that starts
+    differently (a re-tokenised last word, the sliding window, Back) is simply encoded again.
+    """
+
+    def __init__(self) -> None:
+        self._now: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._before: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._weights: tuple = ()
+
+    def check_weights(self, module: torch.nn.Module) -> None:
+        """Forget everything if ``module``'s parameters were replaced or changed in place
+        (moved, cast, trained) since the last call."""
+        weights = tuple((p.data_ptr(), p.dtype, p._version) for p in module.parameters())
+        if weights != self._weights:
+            self.clear()
+            self._weights = weights
+
+    def longest(self, tokens: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """(r, per-block (keys, values) of at least the first r tokens) for the longest
+        remembered prefix of ``tokens``; (0, None) when none is."""
+        for r in range(len(tokens), 0, -1):
+            key = tuple(tokens[:r])
+            entry = self._now.get(key) or self._before.get(key)
+            if entry is not None:
+                return r, entry
+        return 0, None
+
+    def new_call(self) -> None:
+        self._before, self._now = self._now, {}
+
+    def remember(self, tokens: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._now[tuple(tokens)] = kv
+
+    def clear(self) -> None:
+        self._now, self._before = {}, {}
+
+
+def _encode_text_shared_prefix(tower: Any, blocks: list[Any], ids: torch.Tensor,
+                               memo: PrefixMemo | None = None) -> torch.Tensor:
     """open_clip's text encoder on G groups of n token rows (G, n, L), each group's common
-    token prefix encoded once. Exact: the tower is causal and pools the end-of-text token."""
+    token prefix encoded once, and only from where ``memo`` has no keys and values for it.
+    Exact: the tower is causal and pools the end-of-text token."""
     g, n, length = ids.shape
     eot = ids.argmax(dim=-1)  # (G, n): the end-of-text position of every row
     same = (ids == ids[:, :1]).all(dim=1).all(dim=0)  # (L,): positions equal within every group
     differ = (~same).nonzero()
     p = int(differ[0]) if len(differ) else length
     p = max(1, min(p, int(eot.min())))  # every row keeps at least its end-of-text token after the prefix
+    prefixes = ids[:, 0, :p].tolist()
+    if memo is not None:
+        memo.check_weights(tower)
+    remembered = [memo.longest(tokens) if memo is not None else (0, None) for tokens in prefixes]
+    r = min(min(hit for hit, _ in remembered), p - 1)  # keys and values reused for positions < r
     cast = tower.transformer.get_cast_dtype()
     pos = tower.positional_embedding.to(cast)
-    prefix = tower.token_embedding(ids[:, 0, :p]).to(cast) + pos[:p]  # (G, p, d)
+    prefix = tower.token_embedding(ids[:, 0, r:p]).to(cast) + pos[r:p]  # (G, p - r, d)
     suffix = tower.token_embedding(ids[:, :, p:].reshape(g * n, -1)).to(cast) + pos[p:length]  # (G n, S, d)
     s = length - p
-    causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
+    ones = dict(dtype=torch.bool, device=ids.device)
+    # new prefix queries see the reused part and the causal part of the new one
+    prefix_mask = torch.cat([torch.ones(p - r, r, **ones), torch.ones(p - r, p - r, **ones).tril()], dim=1)
     # suffix queries see the whole prefix and the causal part of their own suffix
-    suffix_mask = torch.cat([torch.ones(s, p, dtype=torch.bool, device=ids.device),
-                             torch.ones(s, s, dtype=torch.bool, device=ids.device).tril()], dim=1)
-    for block in blocks:
-        prefix, (k, v) = _attend(block, prefix, None, causal)
-        past = (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0))
-        suffix, _ = _attend(block, suffix, past, suffix_mask)
+    suffix_mask = torch.cat([torch.ones(s, p, **ones), torch.ones(s, s, **ones).tril()], dim=1)
+    prefix_kv = []
+    for i, block in enumerate(blocks):
+        past = None
+        if r > 0:
+            past = tuple(torch.cat([entry[i][j][:, :, :r] for _, entry in remembered]) for j in (0, 1))
+        prefix, (k, v) = _attend(block, prefix, past, prefix_mask)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        prefix_kv.append((k, v))
+        suffix, _ = _attend(block, suffix, (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)), suffix_mask)
+    if memo is not None:
+        memo.new_call()
+        for row, tokens in enumerate(prefixes):
+            memo.remember(tokens, [(k[row: row + 1], v[row: row + 1]) for k, v in prefix_kv])
     x = tower.ln_final(suffix)
     x = x[torch.arange(g * n, device=x.device), (eot.reshape(-1) - p)]
     proj = tower.text_projection

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from magic_edu.bench import bench_models, format_table, step_latency, summary
+from magic_edu.bench import authors_style_magic, bench_models, format_table, step_latency, summary
+from magic_edu.reference import magic_reference
+
+from conftest import make_image
 
 
 def test_bench_models_reports_every_decoder(tiny_lm, tiny_clip):
     timings = bench_models(tiny_lm, tiny_clip, "tiny GPT-2 + CLIP", (1, 2), tokens=3, k=4, repeats=1, reference=True)
     labels = [t.label for t in timings]
     for word in ("greedy", "top-k", "nucleus", "contrastive", "MAGIC (k=4)", "no trace", "no CLIP prefix sharing",
-                 "batch 2", "reference"):
+                 "no CLIP reuse across steps", "batch 2", "authors-style", "reference"):
         assert any(word in label for label in labels), word
     for t in timings:
         assert t.seconds > 0 and 0 <= t.lm_s <= t.seconds * 1.01 and 0 <= t.clip_s <= t.seconds * 1.01
@@ -22,3 +25,12 @@ def test_bench_models_reports_every_decoder(tiny_lm, tiny_clip):
     lines = summary(timings)
     assert any("MAGIC / contrastive" in line for line in lines) and any("batch 2" in line for line in lines)
     assert step_latency(tiny_lm, tiny_clip, 4, 0.1, 1.0, steps=2) > 0
+
+
+def test_authors_style_loop_takes_the_reference_tokens(tiny_lm64, tiny_clip64):
+    image = make_image(2)
+    for k, alpha, beta in ((4, 0.3, 2.0), (6, 0.1, 5.0)):
+        expected = magic_reference(tiny_lm64, tiny_clip64, image, k=k, alpha=alpha, beta=beta, max_new_tokens=6,
+                                   stop_at_eos=False)
+        assert authors_style_magic(tiny_lm64, tiny_clip64, image, k=k, alpha=alpha, beta=beta,
+                                   max_new_tokens=6) == expected

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from magic_edu import LanguageModel, MagicEduError, load_image, magic_search
+from magic_edu.decoding import _keep_candidate
 from magic_edu.models import keep_sentences
 
 from conftest import make_image
@@ -50,6 +51,37 @@ def test_hidden_states_are_after_the_final_layer_norm(tiny_lm):
     assert torch.allclose(hidden, tiny_lm.model.transformer(ids).last_hidden_state, atol=1e-6)
     assert torch.allclose(logits, tiny_lm.model.lm_head(hidden), atol=1e-5)
     assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_candidates_side_by_side_equal_one_full_forward_each(tiny_lm64):
+    """forward_candidates (one sequence, block-diagonal mask) against a cache-free forward of
+    prefix + candidate, for every row and candidate; then the cache that keeps the chosen one."""
+    lm = tiny_lm64
+    prefix = torch.tensor([lm.prefix_ids("a red circle")] * 2)
+    _, _, cache = lm.forward(prefix)
+    candidates = torch.tensor([[5, 9, 13], [7, 5, 2]])
+    hidden, cache_k = lm.forward_candidates(candidates, cache)
+    assert cache.get_seq_length() == prefix.shape[1]  # the earlier state is untouched
+    assert cache_k.get_seq_length() == prefix.shape[1] + 3 and hidden.shape == (2, 3, 48)
+    for b in range(2):
+        for i in range(3):
+            logits, h, _ = lm.forward(torch.cat([prefix[b], candidates[b, i:i + 1]])[None])
+            assert torch.allclose(hidden[b, i], h[0, -1], atol=1e-10)
+            assert torch.allclose(lm.logits(hidden[b, i]), logits[0, -1], atol=1e-9)
+    chosen = torch.tensor([2, 0])  # row 0 keeps 13, row 1 keeps 7
+    kept = _keep_candidate(cache_k, prefix.shape[1], chosen)
+    nxt = torch.tensor([[4], [6]])
+    logits, h, _ = lm.forward(nxt, cache=kept)
+    for b, token in enumerate([13, 7]):
+        full_logits, full_h, _ = lm.forward(torch.cat([prefix[b], torch.tensor([token]), nxt[b]])[None])
+        assert torch.allclose(h[b, -1], full_h[0, -1], atol=1e-10)
+        assert torch.allclose(logits[b, -1], full_logits[0, -1], atol=1e-9)
+
+
+def test_clip_texts_equal_decode(tiny_lm):
+    ids = [tiny_lm.prefix_ids("a red circle") + [5, 6], [tiny_lm.eos_token_id, 7], [], [9, tiny_lm.eos_token_id, 10]]
+    expected = [tiny_lm.decode(i).split(tiny_lm.eos_token, 1)[0] for i in ids]
+    assert tiny_lm.clip_texts(ids) == expected and expected[1] == "" and expected[0].startswith("<-start_of_text->")
 
 
 def test_prefix_is_start_token_then_prompt(tiny_lm):
@@ -165,6 +197,44 @@ def test_shared_prefix_encoding_equals_open_clips_full_context(tiny_clip):
     assert torch.allclose(shared, full, atol=1e-5)
     with pytest.raises(MagicEduError, match="groups"):
         tiny_clip.embed_text_groups([["a"], ["b", "c"]])
+
+
+def test_prefix_reuse_across_calls_is_exact_and_saves_work(tmp_path, monkeypatch):
+    """Step after step (the caption grows), the prefix keys and values of the previous call are
+    reused: the same embeddings as open_clip's full encode, for fewer token forwards; and a
+    change to the weights is noticed."""
+    from magic_edu import models
+    from magic_edu.random_models import random_clip
+
+    clip = random_clip(tmp_path, seed=3)
+    clip.model.double()
+    encoded = []
+    attend = models._attend
+    monkeypatch.setattr(models, "_attend", lambda block, x, past, mask: (
+        encoded.append(x.shape[0] * x.shape[1]), attend(block, x, past, mask))[1])
+    caption = "a"
+    work = {}
+    for remember in (True, False):
+        clip.remember_prefixes = remember
+        clip.prefix_memo.clear()
+        encoded.clear()
+        caption = "a"
+        for word in [" red", " circle", " on", " the", " left", " of", " two", " blue", " stars"]:
+            group = [caption + piece for piece in (word, " dog", "s", "", ",")]
+            emb = clip.embed_text_groups([group])[0]
+            full = F.normalize(clip.model.encode_text(clip.tokenizer(group)), dim=-1)
+            assert torch.allclose(emb, full, atol=1e-12)
+            caption += word
+        work[remember] = sum(encoded)
+    assert work[True] < 0.85 * work[False]  # the suffixes (5 per call) are the same work either way
+
+    clip.remember_prefixes = True
+    group = [caption + " and", caption + " or"]
+    clip.embed_text_groups([group])
+    with torch.no_grad():
+        clip.model.token_embedding.weight.mul_(1.5)  # changed in place: the memo must not be used
+    full = F.normalize(clip.model.encode_text(clip.tokenizer(group)), dim=-1)
+    assert torch.allclose(clip.embed_text_groups([group])[0], full, atol=1e-12)
 
 
 def test_text_towers_without_prefix_sharing_fall_back_exactly(tiny_clip):
