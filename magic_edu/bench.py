@@ -53,38 +53,46 @@ def _sync(device: torch.device) -> None:
 
 @contextlib.contextmanager
 def forward_timers(lm: LanguageModel, clip: ImageTextMatcher | None) -> Iterator[dict[str, float]]:
-    """Accumulate the time spent inside the LM forward and the CLIP forwards."""
+    """Accumulate the time spent inside the LM's forwards (and its head) and CLIP's forwards.
+
+    The transformers / open_clip modules themselves are timed, so any decode loop is measured
+    the same way; a forward called from inside another timed one is not counted twice.
+    """
     spent = {"lm": 0.0, "clip": 0.0}
-    patched: list[tuple[Any, str, Any]] = []
+    depth = {"lm": 0, "clip": 0}
+    patched: list[tuple[Any, str]] = []
 
     def wrap(obj: Any, name: str, key: str, device: torch.device) -> None:
         original = getattr(obj, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if depth[key]:
+                return original(*args, **kwargs)
             _sync(device)
+            depth[key] += 1
             t = time.perf_counter()
-            out = original(*args, **kwargs)
-            _sync(device)
-            spent[key] += time.perf_counter() - t
+            try:
+                out = original(*args, **kwargs)
+                _sync(device)
+            finally:
+                spent[key] += time.perf_counter() - t
+                depth[key] -= 1
             return out
 
-        patched.append((obj, name, original))
-        setattr(obj, name, timed)
+        patched.append((obj, name))
+        setattr(obj, name, timed)  # an instance attribute, removed afterwards
 
-    for name in ("forward", "forward_candidates", "logits"):
-        wrap(lm, name, "lm", lm.device)
+    wrap(lm.model, "forward", "lm", lm.device)
+    wrap(lm, "logits", "lm", lm.device)  # the LM head applied to the chosen candidates
     if clip is not None:
         # the CLIP forwards proper (tokenisation stays outside, it is glue)
-        wrap(clip, "_encode_ids", "clip", clip.device)
-        wrap(clip.model, "encode_image", "clip", clip.device)
+        for name in ("_encode_ids", "encode_text", "encode_image"):
+            wrap(clip if name == "_encode_ids" else clip.model, name, "clip", clip.device)
     try:
         yield spent
     finally:
-        for obj, name, original in reversed(patched):
-            if name in obj.__dict__:
-                delattr(obj, name)
-            else:  # pragma: no cover
-                setattr(obj, name, original)
+        for obj, name in reversed(patched):
+            del obj.__dict__[name]
 
 
 def time_decode(label: str, run: Callable[[], list], lm: LanguageModel, clip: ImageTextMatcher | None,

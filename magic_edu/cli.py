@@ -2,6 +2,8 @@
 
     magic-edu evaluate RESULTS.json [--json] [--spice] [--images DIR [--preset NAME]]
     magic-edu caption IMAGES... --out results.json [--preset toy] [--decoder magic] [--batch-size 8]
+    magic-edu bench [--models toy|paper-size|all]
+    magic-edu toy [--report | --tune-only | --quick] [--out data/toy]
 
 Each subcommand is one ``add_*_command(subparsers)`` function listed in :data:`SUBCOMMANDS`;
 a new one (``bench``, ...) is added by writing such a function and appending it there.
@@ -290,8 +292,17 @@ def _load_models(preset: str) -> Any:
     return load(preset)
 
 
+# -- toy -----------------------------------------------------------------------------------
+def add_toy_command(subparsers: Any) -> None:
+    """``magic-edu toy``: train the toy world's models, or print their results table."""
+    from .toy_training import add_toy_command as add
+
+    add(subparsers)
+
+
 # -- the parser ----------------------------------------------------------------------------
-SUBCOMMANDS: list[Callable[[Any], None]] = [add_evaluate_command, add_caption_command, add_bench_command]
+SUBCOMMANDS: list[Callable[[Any], None]] = [add_evaluate_command, add_caption_command, add_bench_command,
+                                            add_toy_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

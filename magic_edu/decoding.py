@@ -298,29 +298,31 @@ class Stepper:
 
     def _record(self, s: _State, new: _State, parts: dict, forced: bool) -> None:
         step = len(s.generated[0])
+        # one device-to-host copy per field, not per row and field
+        parts = {key: value.tolist() if isinstance(value, torch.Tensor) else value for key, value in parts.items()}
         for row, trace in enumerate(self.traces):
             if s.lengths[row] is not None:  # this row had already ended
                 continue
-            ids = [int(i) for i in _row(parts["ids"], row)]
+            ids = [int(i) for i in parts["ids"][row]]
             n = len(ids)
             nan, blank = [NAN] * n, [""] * n
-            lm_prob = _floats(_row(parts["lm_prob"], row))
+            lm_prob = _floats(parts["lm_prob"][row])
             trace.steps.append(StepRecord(
                 step=step,
                 text=self.lm.output_text(s.generated[row]),
                 token_ids=ids,
                 tokens=self.lm.token_texts(ids),
                 lm_prob=lm_prob,
-                degeneration_penalty=_floats(_row(parts["penalty"], row)) if parts["penalty"] is not None else nan,
-                penalty_position=[int(j) for j in _row(parts["position"], row)]
+                degeneration_penalty=_floats(parts["penalty"][row]) if parts["penalty"] is not None else nan,
+                penalty_position=[int(j) for j in parts["position"][row]]
                 if parts["position"] is not None else [-1] * n,
                 clip_text=list(parts["clip_texts"][row]) if parts["clip_texts"] is not None else blank,
-                clip_cosine=_floats(_row(parts["clip_cosine"], row)) if parts["clip_cosine"] is not None else nan,
-                clip_score=_floats(_row(parts["clip_score"], row)) if parts["clip_score"] is not None else nan,
-                score=_floats(_row(parts["score"], row)),
-                chosen=int(_row(parts["chosen"], row)),
+                clip_cosine=_floats(parts["clip_cosine"][row]) if parts["clip_cosine"] is not None else nan,
+                clip_score=_floats(parts["clip_score"][row]) if parts["clip_score"] is not None else nan,
+                score=_floats(parts["score"][row]),
+                chosen=int(parts["chosen"][row]),
                 forced=forced,
-                chosen_similarity=_floats(_row(parts["chosen_similarity"], row))
+                chosen_similarity=_floats(parts["chosen_similarity"][row])
                 if parts["chosen_similarity"] is not None else [],
             ))
 
@@ -407,18 +409,16 @@ def _repeat_rows(cache: Any, n: int) -> DynamicCache:
 
 def _keep_candidate(cache: Any, past: int, chosen: torch.Tensor) -> DynamicCache:
     """From the cache of ``LanguageModel.forward_candidates`` (``past`` positions, then the k
-    candidates), a new cache of the ``past`` positions plus each row's chosen candidate."""
+    candidates), the cache of the ``past`` positions plus each row's chosen candidate. The chosen
+    keys and values are moved to position ``past`` in place: that cache is this step's own (its
+    forward made it), so no earlier state changes."""
     rows = torch.arange(len(chosen), device=chosen.device)
-    at = past + chosen
-    return DynamicCache([
-        (torch.cat([key[:, :, :past], key[rows, :, at][:, :, None]], dim=2),
-         torch.cat([value[:, :, :past], value[rows, :, at][:, :, None]], dim=2))
-        for key, value, *_ in cache
-    ])
-
-
-def _row(x: Any, row: int) -> Any:
-    return x[row].tolist() if isinstance(x, torch.Tensor) else x[row]
+    kept = []
+    for key, value, *_ in cache:
+        key[:, :, past] = key[rows, :, past + chosen]
+        value[:, :, past] = value[rows, :, past + chosen]
+        kept.append((key[:, :, : past + 1], value[:, :, : past + 1]))
+    return DynamicCache(kept)
 
 
 def _floats(xs: Any) -> list[float]:

@@ -70,6 +70,8 @@ class LanguageModel:
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keeps_logits = "logits_to_keep" in params
         self._token_text_cache: dict[int, str] = {}
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
 
     def _token_id(self, token: str, name: str) -> int:
         ids = self.tokenizer.convert_tokens_to_ids([token])
@@ -182,6 +184,22 @@ class LanguageModel:
         else:
             texts = self.tokenizer.batch_decode(batch, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         return [t.split(self.eos_token, 1)[0] for t in texts]
+
+    def clip_texts_extended(self, ids: Sequence[int], candidates: Sequence[int]) -> list[str]:
+        """``clip_texts([ids + [v] for v in candidates])``, decoding ``ids`` once.
+
+        A byte-level BPE (GPT-2's) decodes a sequence as the UTF-8 text of its tokens' bytes, one
+        after the other; when the bytes of ``ids`` end at a character boundary (their text has
+        no U+FFFD), the text of ``ids + [v]`` is that text followed by v's own text. Other
+        tokenizers, and texts with U+FFFD, are decoded in full.
+        """
+        candidates = [int(v) for v in candidates]
+        if not self._byte_level:
+            return self.clip_texts([list(ids) + [v] for v in candidates])
+        base = self.decode(ids)
+        if "\ufffd" in base:
+            return self.clip_texts([list(ids) + [v] for v in candidates])
+        return [(base + piece).split(self.eos_token, 1)[0] for piece in self.token_texts(candidates)]
 
     # -- the forward ------------------------------------------------------------------
     @torch.no_grad()
@@ -421,14 +439,26 @@ class PrefixMemo:
         self._now: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._before: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._weights: tuple = ()
+        self._tower: Any = None
+        self._param_list: list[torch.Tensor] = []
 
     def check_weights(self, module: torch.nn.Module) -> None:
         """Forget everything if ``module``'s parameters were replaced or changed in place
         (moved, cast, trained) since the last call."""
-        weights = tuple((p.data_ptr(), p.dtype, p._version) for p in module.parameters())
+        weights = tuple((p.data_ptr(), p.dtype, p._version) for p in self._params(module))
         if weights != self._weights:
             self.clear()
             self._weights = weights
+
+    def _params(self, tower: Any) -> list[torch.Tensor]:
+        """The text tower's parameters (listed once: walking the modules each call is slow)."""
+        if self._tower is not tower:
+            self._tower = tower
+            parts = [tower.token_embedding, tower.transformer, tower.ln_final, tower.positional_embedding,
+                     tower.text_projection]
+            self._param_list = [t for part in parts if part is not None
+                                for t in (part.parameters() if isinstance(part, torch.nn.Module) else [part])]
+        return self._param_list
 
     def longest(self, tokens: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
         """(r, per-block (keys, values) of at least the first r tokens) for the longest

@@ -59,11 +59,9 @@ class ClipScorer:
 
     def texts(self, generated: Sequence[Sequence[int]], candidate_ids: torch.Tensor) -> list[list[str]]:
         """t_v for every row and candidate."""
-        n = self.clip_text_max_len
-        ids = [(list(c) + [v])[-n:] for c, row in zip(generated, candidate_ids.tolist()) for v in row]
-        texts = self.lm.clip_texts(ids)
-        k = candidate_ids.shape[1]
-        return [texts[i: i + k] for i in range(0, len(texts), k)]
+        keep = self.clip_text_max_len - 1  # ids of c kept before v
+        return [self.lm.clip_texts_extended(list(c)[-keep:] if keep else [], row)
+                for c, row in zip(generated, candidate_ids.tolist())]
 
     def __call__(
         self, generated: Sequence[Sequence[int]], candidate_ids: torch.Tensor

@@ -857,7 +857,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_toy_command(subparsers) -> None:
-    """``magic-edu toy [--report | --tune-only | --quick] [--out data/toy]`` for the lead's CLI."""
+    """``magic-edu toy [--report | --tune-only | --quick] [--out data/toy]``."""
     p = subparsers.add_parser(
         "toy", help="train the offline toy world's models, or print its results table (--report)",
         description="Train ShapesWorld's LM (SimCTG + MLE twin) and CLIP from scratch into --out, "

@@ -29,3 +29,19 @@ def test_decoders_on_cuda_match_cpu(tmp_path):
     assert contrastive_search(lm_gpu, k=5, alpha=0.6).token_ids == contrastive_search(lm_cpu, k=5, alpha=0.6).token_ids
     assert greedy_search(lm_gpu).token_ids == greedy_search(lm_cpu).token_ids
     assert len(top_k_sampling(lm_gpu, k=5, seed=1).token_ids) > 0
+
+
+def test_shared_clip_prefix_on_cuda_matches_cpu(tmp_path, monkeypatch):
+    """The prefix-sharing text encoder (and its memo across steps) on the GPU too."""
+    from magic_edu import models
+
+    monkeypatch.setattr(models, "SHARE_ON_GPU_TOKENS", 0)
+    lm_cpu, lm_gpu = (random_language_model(seed=4, dtype=torch.float64) for _ in range(2))
+    clip_cpu, clip_gpu = random_clip(tmp_path / "a", seed=4), random_clip(tmp_path / "b", seed=4)
+    for lm, clip, device in ((lm_cpu, clip_cpu, "cpu"), (lm_gpu, clip_gpu, "cuda")):
+        clip.model.double().to(device)
+        lm.model.to(device)
+    images = [make_image(s) for s in range(2)]
+    kw = dict(k=5, alpha=0.2, beta=3.0, max_new_tokens=10)
+    assert [g.token_ids for g in magic_search(lm_gpu, clip_gpu, images, **kw)] == \
+        [g.token_ids for g in magic_search(lm_cpu, clip_cpu, images, **kw)]

@@ -78,6 +78,34 @@ def test_candidates_side_by_side_equal_one_full_forward_each(tiny_lm64):
         assert torch.allclose(logits[b, -1], full_logits[0, -1], atol=1e-9)
 
 
+def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
+    """clip_texts_extended (decode c once, append each candidate's text) against decoding
+    every c + [v] in full: random ids, so partial UTF-8 bytes, EOS and the start token occur."""
+    from magic_edu.presets import load_models
+
+    assert tiny_lm._byte_level
+    gen = torch.Generator().manual_seed(0)
+    lms = [tiny_lm, load_models("toy").lm]  # byte-level BPE; word-level (always decoded whole)
+    assert not lms[1]._byte_level
+    multibyte = tiny_lm.tokenizer("éè — ok", add_special_tokens=False)["input_ids"]
+    for lm in lms:
+        whole = torch.tensor([i for i in range(lm.vocab_size) if "\ufffd" not in lm.token_text(i)])
+        fast = 0
+        for trial in range(300):
+            length = int(torch.randint(0, 12, (1,), generator=gen))
+            if trial % 2:  # any ids: mostly byte pieces that end inside a character
+                ids = torch.randint(0, lm.vocab_size, (length,), generator=gen).tolist()
+            else:  # whole characters only: the text is extended, not decoded again
+                ids = whole[torch.randint(0, len(whole), (length,), generator=gen)].tolist()
+            candidates = torch.randint(0, lm.vocab_size, (6,), generator=gen).tolist() + [lm.eos_token_id]
+            if lm is tiny_lm and trial % 3 == 0:
+                ids = ids + multibyte[: trial % len(multibyte)]  # sometimes cut inside a character
+            expected = lm.clip_texts([ids + [v] for v in candidates])
+            assert lm.clip_texts_extended(ids, candidates) == expected
+            fast += lm._byte_level and "\ufffd" not in lm.decode(ids)
+        assert fast > 100 or not lm._byte_level
+
+
 def test_clip_texts_equal_decode(tiny_lm):
     ids = [tiny_lm.prefix_ids("a red circle") + [5, 6], [tiny_lm.eos_token_id, 7], [], [9, tiny_lm.eos_token_id, 10]]
     expected = [tiny_lm.decode(i).split(tiny_lm.eos_token, 1)[0] for i in ids]
