@@ -482,10 +482,17 @@ class PrefixMemo:
 
 def _encode_text_shared_prefix(tower: Any, blocks: list[Any], ids: torch.Tensor,
                                memo: PrefixMemo | None = None) -> torch.Tensor:
-    """open_clip's text encoder on G groups of n token rows (G, n, L), each group's common
-    token prefix encoded once, and only from where ``memo`` has no keys and values for it.
-    Exact: the tower is causal and pools the end-of-text token."""
+    """open_clip's text encoder on G groups of n token rows (G, n, L). Exact: the tower is
+    causal and pools the end-of-text token, so
+
+    * each group's common token prefix is encoded once (and only from where ``memo`` has no
+      keys and values for it);
+    * the rest of the n rows, up to their end-of-text tokens, run packed one after another
+      in one sequence per group, each seeing the prefix and its own earlier tokens only (no
+      padding to the longest row).
+    """
     g, n, length = ids.shape
+    dev = ids.device
     eot = ids.argmax(dim=-1)  # (G, n): the end-of-text position of every row
     same = (ids == ids[:, :1]).all(dim=1).all(dim=0)  # (L,): positions equal within every group
     differ = (~same).nonzero()
@@ -499,13 +506,26 @@ def _encode_text_shared_prefix(tower: Any, blocks: list[Any], ids: torch.Tensor,
     cast = tower.transformer.get_cast_dtype()
     pos = tower.positional_embedding.to(cast)
     prefix = tower.token_embedding(ids[:, 0, r:p]).to(cast) + pos[r:p]  # (G, p - r, d)
-    suffix = tower.token_embedding(ids[:, :, p:].reshape(g * n, -1)).to(cast) + pos[p:length]  # (G n, S, d)
-    s = length - p
-    ones = dict(dtype=torch.bool, device=ids.device)
     # new prefix queries see the reused part and the causal part of the new one
+    ones = dict(dtype=torch.bool, device=dev)
     prefix_mask = torch.cat([torch.ones(p - r, r, **ones), torch.ones(p - r, p - r, **ones).tril()], dim=1)
-    # suffix queries see the whole prefix and the causal part of their own suffix
-    suffix_mask = torch.cat([torch.ones(s, p, **ones), torch.ones(s, s, **ones).tril()], dim=1)
+
+    # pack: row i of a group brings its tokens p .. eot_i; slot t of a group holds one of them
+    s = length - p
+    lens = eot - p + 1  # (G, n)
+    valid = torch.arange(s, device=dev) < lens[..., None]  # (G, n, S)
+    totals = lens.sum(dim=1)  # (G,)
+    slot = torch.arange(int(totals.max()), device=dev) < totals[:, None]  # (G, T)
+    tokens = torch.zeros(slot.shape, dtype=ids.dtype, device=dev)
+    tokens[slot] = ids[:, :, p:][valid]
+    position = torch.zeros(slot.shape, dtype=torch.long, device=dev)
+    position[slot] = (p + torch.arange(s, device=dev)).expand(g, n, s)[valid]
+    row = torch.full(slot.shape, -1, dtype=torch.long, device=dev)
+    row[slot] = torch.arange(n, device=dev)[:, None].expand(g, n, s)[valid]
+    own = (row[:, :, None] == row[:, None, :]) & (position[:, None, :] <= position[:, :, None])
+    suffix_mask = torch.cat([torch.ones(g, slot.shape[1], p, **ones), own], dim=2)[:, None]  # (G, 1, T, p + T)
+    suffix = tower.token_embedding(tokens).to(cast) + pos[position]  # (G, T, d)
+
     prefix_kv = []
     for i, block in enumerate(blocks):
         past = None
@@ -515,13 +535,14 @@ def _encode_text_shared_prefix(tower: Any, blocks: list[Any], ids: torch.Tensor,
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         prefix_kv.append((k, v))
-        suffix, _ = _attend(block, suffix, (k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)), suffix_mask)
+        suffix, _ = _attend(block, suffix, (k, v), suffix_mask)
     if memo is not None:
         memo.new_call()
-        for row, tokens in enumerate(prefixes):
-            memo.remember(tokens, [(k[row: row + 1], v[row: row + 1]) for k, v in prefix_kv])
+        for group, tokens_g in enumerate(prefixes):
+            memo.remember(tokens_g, [(k[group: group + 1], v[group: group + 1]) for k, v in prefix_kv])
     x = tower.ln_final(suffix)
-    x = x[torch.arange(g * n, device=x.device), (eot.reshape(-1) - p)]
+    ends = lens.cumsum(dim=1) - 1  # (G, n): each row's end-of-text slot
+    x = x[torch.arange(g, device=dev)[:, None], ends].reshape(g * n, -1)
     proj = tower.text_projection
     if proj is None:
         return x
