@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import DynamicCache
 
 from .decoding import Stepper
 from .models import ImageTextMatcher, LanguageModel
@@ -183,8 +182,8 @@ def authors_style_magic(lm: LanguageModel, clip: ImageTextMatcher, image: Any, *
     generated: list[int] = []
     for _ in range(max_new_tokens):
         top_p, top_ids = torch.softmax(logits.double(), dim=-1).topk(k)  # (1, k)
-        copies = [(key.repeat(k, 1, 1, 1), value.repeat(k, 1, 1, 1)) for key, value, *_ in cache]
-        logits_k, hidden_k, cache_k = lm.forward(top_ids.view(k, 1), DynamicCache(copies))
+        copies = [(key.repeat(k, 1, 1, 1), value.repeat(k, 1, 1, 1)) for key, value in cache]
+        logits_k, hidden_k, cache_k = lm.forward(top_ids.view(k, 1), copies)
         h = F.normalize(hidden_k[:, -1].double(), dim=-1)
         penalty = (h @ F.normalize(context[0], dim=-1).T).max(dim=-1).values
         texts = [lm.decode((generated + [v])[-clip_text_max_len:]).split(lm.eos_token)[0] for v in top_ids[0].tolist()]
@@ -193,7 +192,7 @@ def authors_style_magic(lm: LanguageModel, clip: ImageTextMatcher, image: Any, *
         score = (1 - alpha) * top_p[0] - alpha * penalty.to(top_p.device) + beta * clip_score.to(top_p.device)
         best = int(score.argmax())
         generated.append(int(top_ids[0, best]))
-        cache = DynamicCache([(key[best: best + 1], value[best: best + 1]) for key, value, *_ in cache_k])
+        cache = [(key[best: best + 1], value[best: best + 1]) for key, value in cache_k]
         logits, context = logits_k[best: best + 1, -1], torch.cat([context, hidden_k[best: best + 1].double()], dim=1)
     return generated
 

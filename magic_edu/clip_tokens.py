@@ -9,7 +9,8 @@ large share of a step. :class:`ClipTokenizer` gives exactly the same ids, faster
 For a text of printable ASCII without ``&``, ftfy and ``html.unescape`` change nothing,
 lower-casing works character by character, and no regex piece can contain whitespace. So
 the ids of the text are the ids of its whitespace-separated words, one after the other:
-``encode(t) == sum(encode(w) for w in t.split())``. Each word's ids are remembered. Any
+``encode(t) == sum(encode(w) for w in t.split())``. Each word's ids are remembered, and so
+are the ids of each text up to its last space (shared by a step's k texts). Any
 other text (non-ASCII, ``&``, tabs, newlines) or any other tokenizer goes through the
 tokenizer unchanged. ``tests/test_clip_tokens.py`` checks this against open_clip on
 thousands of random texts.
@@ -22,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 MEMO_WORDS = 200_000  # forget the remembered words beyond this many (a few tens of MB at most)
+MEMO_HEADS = 20_000  # and the remembered beginnings of texts
 
 
 def _remembers_words(tokenizer: Any) -> bool:
@@ -46,11 +48,24 @@ class ClipTokenizer:
         self.tokenizer = tokenizer
         self.remembers_words = _remembers_words(tokenizer)
         self._words: dict[str, list[int]] = {}
+        self._heads: dict[str, list[int]] = {}
 
     def encode(self, text: str) -> list[int]:
         """The ids of ``text`` without start and end tokens (``SimpleTokenizer.encode``)."""
         if not (text.isascii() and text.isprintable() and "&" not in text):
             return self.tokenizer.encode(text)
+        # the only whitespace in printable ASCII is " "; MAGIC's k texts of a step share all but
+        # their last word, so the ids before the last space are remembered too
+        cut = text.rfind(" ")
+        head = text[:cut] if cut > 0 else ""
+        ids = self._heads.get(head)
+        if ids is None:
+            if len(self._heads) >= MEMO_HEADS:
+                self._heads.clear()
+            ids = self._heads[head] = self._words_ids(head)
+        return ids + self._words_ids(text[cut + 1:])
+
+    def _words_ids(self, text: str) -> list[int]:
         ids: list[int] = []
         words = self._words
         for word in text.split():

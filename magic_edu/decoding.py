@@ -31,11 +31,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from transformers import DynamicCache
 
 from .errors import MagicEduError
 from .inputs import ImageLike, check_float, check_int
-from .models import ImageTextMatcher, LanguageModel
+from .models import ImageTextMatcher, KeysValues, LanguageModel
 from .scoring import ClipScorer, degeneration_penalty, magic_score
 from .trace import Generation, StepRecord, Trace
 
@@ -50,7 +49,7 @@ NAN = float("nan")
 class _State:
     """Everything a step needs; steps never modify a state, so Back just pops one."""
 
-    cache: Any  # the LM's KV cache of every position so far, batch B
+    cache: KeysValues  # the LM's keys and values of every position so far, batch B
     logits: torch.Tensor  # (B, V): next-token logits
     hidden: torch.Tensor  # (B, T, d): last-layer hidden states of every position so far
     generated: list[list[int]]  # ids generated so far, per row (rows keep going after EOS)
@@ -286,7 +285,7 @@ class Stepper:
                      clip_score=None, score=lm_prob, chosen=chosen, chosen_similarity=None)
         return new, parts
 
-    def _advance(self, s: _State, chosen: list[int], cache: Any, logits: torch.Tensor, hidden: torch.Tensor,
+    def _advance(self, s: _State, chosen: list[int], cache: KeysValues, logits: torch.Tensor, hidden: torch.Tensor,
                  rng_state: torch.Tensor | None) -> _State:
         generated = [g + [c] for g, c in zip(s.generated, chosen)]
         lengths = list(s.lengths)
@@ -402,23 +401,26 @@ def _index_of(token_id: int, candidates: torch.Tensor) -> int:
     return int(hits[0, 0])
 
 
-def _repeat_rows(cache: Any, n: int) -> DynamicCache:
-    """A new cache with every row repeated n times (row i -> rows i*n .. i*n+n-1)."""
-    return DynamicCache([(key.repeat_interleave(n, 0), value.repeat_interleave(n, 0)) for key, value, *_ in cache])
+def _repeat_rows(cache: KeysValues, n: int) -> KeysValues:
+    """Keys and values with every row repeated n times (row i -> rows i*n .. i*n+n-1)."""
+    return [(key.repeat_interleave(n, 0), value.repeat_interleave(n, 0)) for key, value in cache]
 
 
-def _keep_candidate(cache: Any, past: int, chosen: torch.Tensor) -> DynamicCache:
-    """From the cache of ``LanguageModel.forward_candidates`` (``past`` positions, then the k
-    candidates), the cache of the ``past`` positions plus each row's chosen candidate. The chosen
-    keys and values are moved to position ``past`` in place: that cache is this step's own (its
-    forward made it), so no earlier state changes."""
-    rows = torch.arange(len(chosen), device=chosen.device)
+def _keep_candidate(cache: KeysValues, past: int, chosen: torch.Tensor) -> KeysValues:
+    """From the keys and values of ``LanguageModel.forward_candidates`` (``past`` positions, then
+    the k candidates), those of the ``past`` positions plus each row's chosen candidate. The
+    chosen ones are moved to position ``past`` in place: these tensors are this step's own (its
+    forward made them), so no earlier state changes."""
+    if len(chosen) == 1:  # one row: plain slices (fewer, cheaper tensor operations)
+        rows, at = slice(None), int(chosen[0]) + past
+    else:
+        rows, at = torch.arange(len(chosen), device=chosen.device), past + chosen
     kept = []
-    for key, value, *_ in cache:
-        key[:, :, past] = key[rows, :, past + chosen]
-        value[:, :, past] = value[rows, :, past + chosen]
+    for key, value in cache:
+        key[:, :, past] = key[rows, :, at]
+        value[:, :, past] = value[rows, :, at]
         kept.append((key[:, :, : past + 1], value[:, :, : past + 1]))
-    return DynamicCache(kept)
+    return kept
 
 
 def _floats(xs: Any) -> list[float]:

@@ -69,9 +69,12 @@ class LanguageModel:
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._keeps_logits = "logits_to_keep" in params
+        self._only_itself: dict[tuple, torch.Tensor] = {}  # forward_candidates' masks, by (k, dtype, device)
         self._token_text_cache: dict[int, str] = {}
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._byte_level = type(getattr(backend, "decoder", None)).__name__ == "ByteLevel"
+        decoder = type(getattr(backend, "decoder", None)).__name__
+        self._decoder_kind = {"ByteLevel": "bytes", "WordPiece": "pieces"}.get(decoder)  # see clip_texts_extended
+        self._piece_cache: dict[int, str] = {}
 
     def _token_id(self, token: str, name: str) -> int:
         ids = self.tokenizer.convert_tokens_to_ids([token])
@@ -177,63 +180,90 @@ class LanguageModel:
 
     def clip_texts(self, batch: Sequence[Sequence[int]]) -> list[str]:
         """:meth:`clip_text` of many id lists in one tokenizer call."""
+        return [t.split(self.eos_token, 1)[0] for t in self.clip_texts_raw(batch)]
+
+    def clip_texts_extended(self, batch: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]
+                            ) -> list[list[str]]:
+        """``clip_texts([ids + [v] for v in row])`` for each ``ids`` in ``batch`` and its ``row``
+        of candidates, decoding each ``ids`` once and appending each candidate's own text.
+
+        Exact for the two decoders the GPT-2 family uses. A byte-level BPE (GPT-2's) decodes a
+        sequence as the UTF-8 text of its tokens' bytes, so when the bytes of ``ids`` end at a
+        character boundary (no U+FFFD in their text) the text of ``ids + [v]`` is that text
+        followed by v's. A WordPiece decoder turns each token into its own piece (a space before
+        every token but the first, none before a ``##`` piece, then its clean-up), so the text of
+        ``ids + [v]`` is that text followed by v's piece. Other decoders, and texts with U+FFFD,
+        are decoded in full (all rows in one call).
+        """
+        out: list[list[str] | None] = [None] * len(batch)
+        if self._decoder_kind is not None:
+            eos = self.eos_token
+            for i, (base, row) in enumerate(zip(self.clip_texts_raw(batch), candidates)):
+                if self._decoder_kind == "bytes" and "\ufffd" not in base:
+                    out[i] = [(base + piece).split(eos, 1)[0] for piece in self.token_texts(row)]
+                elif self._decoder_kind == "pieces":
+                    pieces = self._following_pieces(row) if batch[i] else self.token_texts(row)
+                    out[i] = [(base + piece).split(eos, 1)[0] for piece in pieces]
+        todo = [i for i, texts in enumerate(out) if texts is None]
+        if todo:
+            whole = self.clip_texts([list(batch[i]) + [int(v)] for i in todo for v in candidates[i]])
+            for i in todo:
+                out[i], whole = whole[: len(candidates[i])], whole[len(candidates[i]):]
+        return out  # type: ignore[return-value]
+
+    def _following_pieces(self, token_ids: Sequence[int]) -> list[str]:
+        """For a WordPiece decoder: the text each token adds after at least one other token."""
+        missing = [i for i in dict.fromkeys(int(t) for t in token_ids) if i not in self._piece_cache]
+        if missing:
+            lead = self.decode([self.eos_token_id])
+            texts = self.clip_texts_raw([[self.eos_token_id, i] for i in missing])
+            self._piece_cache.update((i, text[len(lead):]) for i, text in zip(missing, texts))
+        return [self._piece_cache[int(t)] for t in token_ids]
+
+    def clip_texts_raw(self, batch: Sequence[Sequence[int]]) -> list[str]:
+        """``decode`` of many id lists in one tokenizer call (nothing cut)."""
         batch = [list(ids) for ids in batch]
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
         if backend is not None:  # a fast tokenizer: its Rust decoder directly, as ``decode`` does
-            texts = backend.decode_batch(batch, skip_special_tokens=False)
-        else:
-            texts = self.tokenizer.batch_decode(batch, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return [t.split(self.eos_token, 1)[0] for t in texts]
-
-    def clip_texts_extended(self, ids: Sequence[int], candidates: Sequence[int]) -> list[str]:
-        """``clip_texts([ids + [v] for v in candidates])``, decoding ``ids`` once.
-
-        A byte-level BPE (GPT-2's) decodes a sequence as the UTF-8 text of its tokens' bytes, one
-        after the other; when the bytes of ``ids`` end at a character boundary (their text has
-        no U+FFFD), the text of ``ids + [v]`` is that text followed by v's own text. Other
-        tokenizers, and texts with U+FFFD, are decoded in full.
-        """
-        candidates = [int(v) for v in candidates]
-        if not self._byte_level:
-            return self.clip_texts([list(ids) + [v] for v in candidates])
-        base = self.decode(ids)
-        if "\ufffd" in base:
-            return self.clip_texts([list(ids) + [v] for v in candidates])
-        return [(base + piece).split(self.eos_token, 1)[0] for piece in self.token_texts(candidates)]
+            return backend.decode_batch(batch, skip_special_tokens=False)
+        return self.tokenizer.batch_decode(batch, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # -- the forward ------------------------------------------------------------------
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """One forward of ``input_ids`` (B, S) after ``cache``: (logits, last-layer hidden
-        states, new cache), all S positions.
+    def forward(self, input_ids: torch.Tensor, cache: KeysValues | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, KeysValues]:
+        """One forward of ``input_ids`` (B, S) after the keys and values ``cache``: (logits,
+        last-layer hidden states, keys and values of every position so far), all S positions.
 
         The hidden states are transformers' ``hidden_states[-1]`` (after the final layer norm),
         the ``h`` of the paper's degeneration penalty. ``cache`` is not modified.
         """
-        past = cache.get_seq_length() if cache is not None else 0
+        past = cache_length(cache)
         # nothing is padded; saying so keeps transformers from guessing
         mask = torch.ones(input_ids.shape[0], past + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
-        return self._forward(input_ids, _copy_cache(cache), mask)
+        return self._forward(input_ids, cache, mask)
 
     @torch.no_grad()
-    def forward_candidates(self, candidates: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
+    def forward_candidates(self, candidates: torch.Tensor, cache: KeysValues) -> tuple[torch.Tensor, KeysValues]:
         """The k candidate next tokens of every row (B, k), side by side in one forward.
 
         Candidate i sits at the next position (T = the cache's length) and attends to the T
         cached positions and to itself only, never to the other candidates: its hidden state is
         exactly that of the one-token forward of [cache, i], without copying the cache k times.
-        Returns (last-layer hidden states (B, k, d), the cache of T + k positions); logits are
-        left out (see :meth:`logits` for the chosen candidate's). ``cache`` is not modified.
+        Returns (last-layer hidden states (B, k, d), keys and values of the T + k positions);
+        logits are left out (see :meth:`logits` for the chosen candidate's).
         """
         b, k = candidates.shape
-        past = cache.get_seq_length()
-        blocked = torch.finfo(self.dtype).min
-        mask = torch.full((k, past + k), blocked, dtype=self.dtype, device=candidates.device)
-        mask[:, :past] = 0.0
-        mask[:, past:].fill_diagonal_(0.0)
-        positions = torch.full((b, k), past, dtype=torch.long, device=candidates.device)
-        _, hidden, new_cache = self._forward(candidates, _copy_cache(cache), mask.expand(b, 1, k, past + k),
-                                             positions, logits=False)
+        past = cache_length(cache)
+        dtype, device = cache[0][0].dtype, candidates.device
+        key = (k, dtype, device)
+        if key not in self._only_itself:  # 0 on the diagonal, the lowest float elsewhere
+            self._only_itself[key] = torch.full((k, k), torch.finfo(dtype).min, dtype=dtype, device=device
+                                                ).fill_diagonal_(0.0)
+        mask = torch.cat([torch.zeros(k, past, dtype=dtype, device=device), self._only_itself[key]], dim=1)
+        positions = torch.full((b, k), past, dtype=torch.long, device=device)
+        _, hidden, new_cache = self._forward(candidates, cache, mask.expand(b, 1, k, past + k), positions,
+                                             logits=False)
         return hidden, new_cache
 
     @torch.no_grad()
@@ -241,27 +271,28 @@ class LanguageModel:
         """Next-token logits from last-layer hidden states (the LM head)."""
         return self.model.get_output_embeddings()(hidden)
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor | None = None, logits: bool = True) -> tuple[Any, torch.Tensor, Any]:
-        kwargs = {self._cache_kwarg: cache, "use_cache": True, "output_hidden_states": True,
-                  "attention_mask": attention_mask}
+    def _forward(self, input_ids: torch.Tensor, cache: KeysValues | None, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor | None = None, logits: bool = True) -> tuple[Any, torch.Tensor, KeysValues]:
+        from transformers import DynamicCache
+
+        # a new cache object around the same tensors: the forward appends to it, never to ``cache``
+        kwargs = {self._cache_kwarg: DynamicCache(cache) if cache else None, "use_cache": True,
+                  "output_hidden_states": True, "attention_mask": attention_mask}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         if not logits and self._keeps_logits:  # no LM head over the whole vocabulary for every position
             kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         out = self.model(input_ids=input_ids, **kwargs)
         new_cache = getattr(out, "cache", None) if self._cache_kwarg == "cache" else out.past_key_values
-        return (out.logits if logits else None), out.hidden_states[-1], new_cache
+        return (out.logits if logits else None), out.hidden_states[-1], [(key, value) for key, value, *_ in new_cache]
 
 
-def _copy_cache(cache: Any) -> Any:
-    """A new cache object holding the same tensors: a forward appends to the copy and leaves
-    ``cache`` (an earlier decode state) as it was."""
-    from transformers import DynamicCache
+KeysValues = list  # the LM's keys and values: one (keys, values) pair per layer, each (B, heads, T, d_head)
 
-    if cache is None:
-        return None
-    return DynamicCache([(key, value) for key, value, *_ in cache])
+
+def cache_length(cache: KeysValues | None) -> int:
+    """The number of positions in ``cache``."""
+    return int(cache[0][0].shape[2]) if cache else 0
 
 
 def keep_sentences(text: str, n: int) -> str:

@@ -60,8 +60,8 @@ class ClipScorer:
     def texts(self, generated: Sequence[Sequence[int]], candidate_ids: torch.Tensor) -> list[list[str]]:
         """t_v for every row and candidate."""
         keep = self.clip_text_max_len - 1  # ids of c kept before v
-        return [self.lm.clip_texts_extended(list(c)[-keep:] if keep else [], row)
-                for c, row in zip(generated, candidate_ids.tolist())]
+        return self.lm.clip_texts_extended([list(c)[-keep:] if keep else [] for c in generated],
+                                           candidate_ids.tolist())
 
     def __call__(
         self, generated: Sequence[Sequence[int]], candidate_ids: torch.Tensor

@@ -12,7 +12,7 @@ from PIL import Image
 
 from magic_edu import LanguageModel, MagicEduError, load_image, magic_search
 from magic_edu.decoding import _keep_candidate
-from magic_edu.models import keep_sentences
+from magic_edu.models import cache_length, keep_sentences
 
 from conftest import make_image
 
@@ -50,7 +50,7 @@ def test_hidden_states_are_after_the_final_layer_norm(tiny_lm):
     logits, hidden, cache = tiny_lm.forward(ids)
     assert torch.allclose(hidden, tiny_lm.model.transformer(ids).last_hidden_state, atol=1e-6)
     assert torch.allclose(logits, tiny_lm.model.lm_head(hidden), atol=1e-5)
-    assert cache.get_seq_length() == ids.shape[1]
+    assert cache_length(cache) == ids.shape[1] and len(cache) == tiny_lm.model.config.n_layer
 
 
 def test_candidates_side_by_side_equal_one_full_forward_each(tiny_lm64):
@@ -61,8 +61,8 @@ def test_candidates_side_by_side_equal_one_full_forward_each(tiny_lm64):
     _, _, cache = lm.forward(prefix)
     candidates = torch.tensor([[5, 9, 13], [7, 5, 2]])
     hidden, cache_k = lm.forward_candidates(candidates, cache)
-    assert cache.get_seq_length() == prefix.shape[1]  # the earlier state is untouched
-    assert cache_k.get_seq_length() == prefix.shape[1] + 3 and hidden.shape == (2, 3, 48)
+    assert cache_length(cache) == prefix.shape[1]  # the earlier state is untouched
+    assert cache_length(cache_k) == prefix.shape[1] + 3 and hidden.shape == (2, 3, 48)
     for b in range(2):
         for i in range(3):
             logits, h, _ = lm.forward(torch.cat([prefix[b], candidates[b, i:i + 1]])[None])
@@ -83,14 +83,14 @@ def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
     every c + [v] in full: random ids, so partial UTF-8 bytes, EOS and the start token occur."""
     from magic_edu.presets import load_models
 
-    assert tiny_lm._byte_level
+    assert tiny_lm._decoder_kind == "bytes"
     gen = torch.Generator().manual_seed(0)
-    lms = [tiny_lm, load_models("toy").lm]  # byte-level BPE; word-level (always decoded whole)
-    assert not lms[1]._byte_level
+    lms = [tiny_lm, load_models("toy").lm]  # byte-level BPE; word-level with a WordPiece decoder
+    assert lms[1]._decoder_kind == "pieces"
     multibyte = tiny_lm.tokenizer("éè — ok", add_special_tokens=False)["input_ids"]
     for lm in lms:
         whole = torch.tensor([i for i in range(lm.vocab_size) if "\ufffd" not in lm.token_text(i)])
-        fast = 0
+        fast, rows, row_candidates, expected_rows = 0, [], [], []
         for trial in range(300):
             length = int(torch.randint(0, 12, (1,), generator=gen))
             if trial % 2:  # any ids: mostly byte pieces that end inside a character
@@ -101,9 +101,11 @@ def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
             if lm is tiny_lm and trial % 3 == 0:
                 ids = ids + multibyte[: trial % len(multibyte)]  # sometimes cut inside a character
             expected = lm.clip_texts([ids + [v] for v in candidates])
-            assert lm.clip_texts_extended(ids, candidates) == expected
-            fast += lm._byte_level and "\ufffd" not in lm.decode(ids)
-        assert fast > 100 or not lm._byte_level
+            assert lm.clip_texts_extended([ids], [candidates]) == [expected]
+            fast += lm._decoder_kind == "pieces" or "\ufffd" not in lm.decode(ids)
+            rows.append(ids), row_candidates.append(candidates), expected_rows.append(expected)
+        assert fast > 100
+        assert lm.clip_texts_extended(rows, row_candidates) == expected_rows  # a batch mixing both kinds
 
 
 def test_clip_texts_equal_decode(tiny_lm):
