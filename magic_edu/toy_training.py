@@ -835,6 +835,9 @@ def run(args: argparse.Namespace) -> int:
     """Train (default), ``--report`` or ``--tune-only``, as parsed by :func:`_add_arguments`."""
     out = Path(args.out)
     if args.report:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the report is markdown meant for pasting: no loading bars in it
         torch.set_num_threads(args.threads)
         table, _ = results_table(out, args.scenes)
         print(table)
