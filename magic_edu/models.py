@@ -482,8 +482,9 @@ class PrefixMemo:
             self._weights = weights
 
     def _params(self, tower: Any) -> list[torch.Tensor]:
-        """The text tower's parameters (listed once: walking the modules each call is slow)."""
-        if self._tower is not tower:
+        """The text tower's parameters (listed once, walking the modules each call is slow; listed
+        again if the tower or its token embedding was replaced, as ``load_state_dict(assign=True)`` does)."""
+        if self._tower is not tower or self._param_list[0] is not tower.token_embedding.weight:
             self._tower = tower
             parts = [tower.token_embedding, tower.transformer, tower.ln_final, tower.positional_embedding,
                      tower.text_projection]

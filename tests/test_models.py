@@ -265,6 +265,10 @@ def test_prefix_reuse_across_calls_is_exact_and_saves_work(tmp_path, monkeypatch
         clip.model.token_embedding.weight.mul_(1.5)  # changed in place: the memo must not be used
     full = F.normalize(clip.model.encode_text(clip.tokenizer(group)), dim=-1)
     assert torch.allclose(clip.embed_text_groups([group])[0], full, atol=1e-12)
+    state = {name: t * 0.9 if t.is_floating_point() else t for name, t in clip.model.state_dict().items()}
+    clip.model.load_state_dict(state, assign=True)  # new parameter objects altogether
+    full = F.normalize(clip.model.encode_text(clip.tokenizer(group)), dim=-1)
+    assert torch.allclose(clip.embed_text_groups([group])[0], full, atol=1e-12)
 
 
 def test_text_towers_without_prefix_sharing_fall_back_exactly(tiny_clip):
