@@ -368,8 +368,10 @@ class ImageTextMatcher:
         """L2-normalised embeddings of G groups of n texts each: (G, n, d).
 
         MAGIC's k candidate texts at one step share a long token prefix (the caption so far).
-        CLIP's text tower is causal, so that prefix is encoded once per group and each text only
-        runs its own few last tokens on top of it: exact, and several times cheaper.
+        CLIP's text tower is causal, so that prefix is encoded once per group (and only its new
+        tokens when an earlier call, the previous step, encoded its beginning: ``prefix_memo``),
+        and each text runs only its own few last tokens on top of it, all of a group's packed in
+        one sequence: exact, and several times cheaper. (On a GPU, only for large calls.)
         """
         sizes = {len(g) for g in groups}
         if len(sizes) != 1 or 0 in sizes:
