@@ -73,7 +73,8 @@ class LanguageModel:
         self._token_text_cache: dict[int, str] = {}
         backend = getattr(tokenizer, "backend_tokenizer", None)
         decoder = type(getattr(backend, "decoder", None)).__name__
-        self._decoder_kind = {"ByteLevel": "bytes", "WordPiece": "pieces"}.get(decoder)  # see clip_texts_extended
+        # see clip_texts_extended; a tokenizer without a decoder joins its tokens with spaces
+        self._decoder_kind = {"ByteLevel": "bytes", "WordPiece": "pieces", "NoneType": "pieces"}.get(decoder)
         self._piece_cache: dict[int, str] = {}
 
     def _token_id(self, token: str, name: str) -> int:
@@ -191,9 +192,10 @@ class LanguageModel:
         sequence as the UTF-8 text of its tokens' bytes, so when the bytes of ``ids`` end at a
         character boundary (no U+FFFD in their text) the text of ``ids + [v]`` is that text
         followed by v's. A WordPiece decoder turns each token into its own piece (a space before
-        every token but the first, none before a ``##`` piece, then its clean-up), so the text of
-        ``ids + [v]`` is that text followed by v's piece. Other decoders, and texts with U+FFFD,
-        are decoded in full (all rows in one call).
+        every token but the first, none before a ``##`` piece, then its clean-up), and a fast
+        tokenizer without a decoder joins tokens with spaces, so there the text of ``ids + [v]``
+        is that text followed by v's piece. Other decoders, and texts with U+FFFD, are decoded in
+        full (all rows in one call).
         """
         out: list[list[str] | None] = [None] * len(batch)
         if self._decoder_kind is not None:

@@ -350,3 +350,21 @@ def test_bad_settings_for_other_decoders(tiny_lm):
         Stepper(tiny_lm, "beam")
     with pytest.raises(MagicEduError, match="image"):
         Stepper(tiny_lm, "magic")
+
+
+@pytest.mark.slow
+def test_paper_sized_models_take_the_reference_tokens():
+    """GPT-2-small and CLIP ViT-B/32 architectures (random weights, float64) with the paper's
+    k = 45: the fast loop (candidates side by side, the CLIP prefix shared, kept across steps
+    and followed by packed candidate tokens, texts extended, words remembered) takes the
+    reference loop's tokens, alone and in a batch."""
+    from magic_edu.random_models import clip_vit_b32, gpt2_small
+
+    lm, clip = gpt2_small(seed=1), clip_vit_b32(seed=1)
+    lm.model.double()
+    clip.model.double()
+    images = [make_image(0, (224, 224)), make_image(1, (200, 240))]
+    kw = dict(k=45, alpha=0.1, beta=2.0, max_new_tokens=3, stop_at_eos=False)
+    batch = magic_search(lm, clip, images, **kw)
+    assert batch[0].token_ids == magic_reference(lm, clip, images[0], **kw)
+    assert [g.token_ids for g in batch] == [magic_search(lm, clip, im, **kw).token_ids for im in images]

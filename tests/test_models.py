@@ -85,8 +85,12 @@ def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
 
     assert tiny_lm._decoder_kind == "bytes"
     gen = torch.Generator().manual_seed(0)
-    lms = [tiny_lm, load_models("toy").lm]  # byte-level BPE; word-level with a WordPiece decoder
-    assert lms[1]._decoder_kind == "pieces"
+    from magic_edu.random_models import random_language_model, word_tokenizer
+
+    # byte-level BPE; word-level with a WordPiece decoder; word-level without a decoder
+    lms = [tiny_lm, load_models("toy").lm, random_language_model(tokenizer=word_tokenizer(3000))]
+    assert lms[1]._decoder_kind == lms[2]._decoder_kind == "pieces"
+    assert lms[2].tokenizer.backend_tokenizer.decoder is None
     multibyte = tiny_lm.tokenizer("éè — ok", add_special_tokens=False)["input_ids"]
     for lm in lms:
         whole = torch.tensor([i for i in range(lm.vocab_size) if "\ufffd" not in lm.token_text(i)])
