@@ -51,7 +51,7 @@ class _State:
 
     cache: KeysValues  # the LM's keys and values of every position so far, batch B
     logits: torch.Tensor  # (B, V): next-token logits
-    hidden: torch.Tensor  # (B, T, d): last-layer hidden states of every position so far
+    hidden: torch.Tensor  # (B, T, d): last-layer hidden states of every position so far, float64
     generated: list[list[int]]  # ids generated so far, per row (rows keep going after EOS)
     lengths: list[int | None]  # per row: number of ids in the output once it has ended
     rng_state: torch.Tensor | None
@@ -155,7 +155,7 @@ class Stepper:
         rng = None
         if self.decoder in ("top_k", "nucleus"):
             rng = torch.Generator().manual_seed(self.seed).get_state()
-        return _State(_repeat_rows(cache, b), logits[:, -1].expand(b, -1), hidden.expand(b, -1, -1),
+        return _State(_repeat_rows(cache, b), logits[:, -1].expand(b, -1), hidden.double().expand(b, -1, -1),
                       [[] for _ in range(b)], [None] * b, rng)
 
     @property
@@ -232,7 +232,7 @@ class Stepper:
         b, k = self.batch_size, self.k
         lm_prob, candidates = probs.topk(k, dim=-1)  # (B, k), most probable first
         hidden_k, cache_k = self.lm.forward_candidates(candidates.to(self.lm.device), s.cache)  # (B, k, d)
-        penalty, position, cosines = degeneration_penalty(hidden_k.double(), s.hidden.double())
+        penalty, position, cosines = degeneration_penalty(hidden_k.double(), s.hidden)
         if self.scorer is not None:
             clip_texts, clip_cosine, clip_score = self.scorer(s.generated, candidates)
         else:
@@ -292,7 +292,7 @@ class Stepper:
         for row, c in enumerate(chosen):
             if lengths[row] is None and self.stop_at_eos and c == self.lm.eos_token_id:
                 lengths[row] = len(generated[row])
-        return _State(cache, logits, torch.cat([s.hidden, hidden.to(s.hidden.dtype)], dim=1), generated, lengths,
+        return _State(cache, logits, torch.cat([s.hidden, hidden.double()], dim=1), generated, lengths,
                       rng_state)
 
     def _record(self, s: _State, new: _State, parts: dict, forced: bool) -> None:
