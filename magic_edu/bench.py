@@ -94,28 +94,60 @@ def forward_timers(lm: LanguageModel, clip: ImageTextMatcher | None) -> Iterator
             del obj.__dict__[name]
 
 
+def _timed_run(run: Callable[[], list], lm: LanguageModel, clip: ImageTextMatcher | None) -> tuple:
+    """(seconds, of which in the LM, of which in CLIP, Generations) of one call of ``run``."""
+    with forward_timers(lm, clip) as spent:
+        _sync(lm.device)
+        t = time.perf_counter()
+        gens = run()
+        _sync(lm.device)
+        elapsed = time.perf_counter() - t
+    return elapsed, spent["lm"], spent["clip"], gens
+
+
+def _median_timing(label: str, samples: list[tuple]) -> Timing:
+    elapsed, lm_s, clip_s, gens = sorted(samples, key=lambda r: r[0])[len(samples) // 2]
+    return Timing(label, elapsed, sum(len(g.token_ids) for g in gens), len(gens), lm_s, clip_s)
+
+
 def time_decode(label: str, run: Callable[[], list], lm: LanguageModel, clip: ImageTextMatcher | None,
                 repeats: int = 3) -> Timing:
     """Median of ``repeats`` runs (after one warm-up) of ``run`` (returns Generations)."""
-    run()
-    results = []
+    return time_decodes([(label, run, lm, clip)], repeats)[0]
+
+
+def time_decodes(runs: list[tuple[str, Callable[[], list], LanguageModel, ImageTextMatcher | None]],
+                 repeats: int = 3) -> list[Timing]:
+    """Median of ``repeats`` rounds for each (label, run, lm, clip), after one warm-up each. Every
+    round runs every entry once, so a shared machine's slow drifts touch all entries alike."""
+    for _, run, _, _ in runs:
+        run()
+    samples: list[list[tuple]] = [[] for _ in runs]
     for _ in range(repeats):
-        with forward_timers(lm, clip) as spent:
-            _sync(lm.device)
-            t = time.perf_counter()
-            gens = run()
-            _sync(lm.device)
-            elapsed = time.perf_counter() - t
-        results.append((elapsed, spent["lm"], spent["clip"], gens))
-    results.sort(key=lambda r: r[0])
-    elapsed, lm_s, clip_s, gens = results[len(results) // 2]
-    return Timing(label, elapsed, sum(len(g.token_ids) for g in gens), len(gens), lm_s, clip_s)
+        for i, (_, run, lm, clip) in enumerate(runs):
+            samples[i].append(_timed_run(run, lm, clip))
+    return [_median_timing(label, got) for (label, *_), got in zip(runs, samples)]
+
+
+def _with_clip(clip: ImageTextMatcher, run: Callable[[], list], **settings: Any) -> Callable[[], list]:
+    """``run`` with some of ``clip``'s attributes changed for its duration."""
+    def changed() -> list:
+        before = {name: getattr(clip, name) for name in settings}
+        for name, value in settings.items():
+            setattr(clip, name, value)
+        try:
+            return run()
+        finally:
+            for name, value in before.items():
+                setattr(clip, name, value)
+    return changed
 
 
 def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: tuple[int, ...], tokens: int,
                  k: int = 45, alpha: float = 0.1, beta: float = 2.0, repeats: int = 3,
                  reference: bool = False) -> list[Timing]:
-    """Every decoder at batch 1, MAGIC at every batch size, and MAGIC's variants."""
+    """Every decoder at batch 1, MAGIC at every batch size, MAGIC's variants and the
+    authors-style loop, timed in interleaved rounds; the reference loop once."""
     images = [Image.new("RGB", (224, 224), (40 + 30 * i % 200, 80, 220 - 10 * i % 200)) for i in range(max(batches))]
     common = dict(max_new_tokens=tokens, stop_at_eos=False)
 
@@ -127,31 +159,24 @@ def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: 
             return Stepper(lm, decoder, k=kw.pop("k", k), alpha=alpha, seed=0, record=record, **common, **kw).run()
         return run
 
-    out = [
-        time_decode(f"{name} greedy", decode("greedy"), lm, None, repeats),
-        time_decode(f"{name} top-k sampling (k=40)", decode("top_k", k=40), lm, None, repeats),
-        time_decode(f"{name} nucleus sampling (p=0.95)", decode("nucleus", p=0.95), lm, None, repeats),
-        time_decode(f"{name} contrastive (k={k})", decode("contrastive"), lm, None, repeats),
-        time_decode(f"{name} MAGIC (k={k})", decode("magic"), lm, clip, repeats),
-        time_decode(f"{name} MAGIC, no trace", decode("magic", record=False), lm, clip, repeats),
+    runs = [
+        (f"{name} greedy", decode("greedy"), lm, None),
+        (f"{name} top-k sampling (k=40)", decode("top_k", k=40), lm, None),
+        (f"{name} nucleus sampling (p=0.95)", decode("nucleus", p=0.95), lm, None),
+        (f"{name} contrastive (k={k})", decode("contrastive"), lm, None),
+        (f"{name} MAGIC (k={k})", decode("magic"), lm, clip),
+        (f"{name} MAGIC, no trace", decode("magic", record=False), lm, clip),
+        # the shared prefix encoded once per step, from scratch
+        (f"{name} MAGIC, no CLIP reuse across steps", _with_clip(clip, decode("magic"), remember_prefixes=False),
+         lm, clip),
+        # every candidate text encoded in full (trimmed to the longest)
+        (f"{name} MAGIC, no CLIP prefix sharing", _with_clip(clip, decode("magic"), _blocks=None), lm, clip),
     ]
-    clip.remember_prefixes = False  # the shared prefix encoded once per step, from scratch
-    try:
-        out.append(time_decode(f"{name} MAGIC, no CLIP reuse across steps", decode("magic"), lm, clip, repeats))
-    finally:
-        clip.remember_prefixes = True
-    blocks = clip._blocks
-    clip._blocks = None  # every candidate text encoded in full (trimmed to the longest)
-    try:
-        out.append(time_decode(f"{name} MAGIC, no CLIP prefix sharing", decode("magic"), lm, clip, repeats))
-    finally:
-        clip._blocks = blocks
-    for b in batches:
-        if b > 1:
-            out.append(time_decode(f"{name} MAGIC batch {b}", decode("magic", batch=b), lm, clip, repeats))
-    out.append(time_decode(f"{name} authors-style loop", _as_generations(
+    runs += [(f"{name} MAGIC batch {b}", decode("magic", batch=b), lm, clip) for b in batches if b > 1]
+    runs.append((f"{name} authors-style loop", _as_generations(
         lambda: authors_style_magic(lm, clip, images[0], k=k, alpha=alpha, beta=beta, max_new_tokens=tokens)),
-        lm, clip, repeats))
+        lm, clip))
+    out = time_decodes(runs, repeats)
     if reference:
         from .reference import magic_reference
 
