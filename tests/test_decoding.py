@@ -46,6 +46,17 @@ def test_magic_matches_reference_float64(tiny_lm64, tiny_clip64, prompt, k, alph
         assert gen.token_ids == ref  # float64: no near-tie may flip
 
 
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_magic_matches_reference_when_the_clip_window_slides(tiny_lm64, tiny_clip64, window):
+    """A CLIP window shorter than the caption: CLIP's text changes its start every step, so the
+    prefix kept from the step before cannot be reused; the tokens must still be the reference's."""
+    kw = dict(k=6, alpha=0.3, beta=3.0, max_new_tokens=9, clip_text_max_len=window, stop_at_eos=False)
+    images = [make_image(3), make_image(4)]
+    batch = magic_search(tiny_lm64, tiny_clip64, images, **kw)
+    for image, gen in zip(images, batch):
+        assert gen.token_ids == magic_reference(tiny_lm64, tiny_clip64, image, **kw)
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_magic_matches_reference_float32(tiny_lm, tiny_clip, seed):
     image = make_image(10 + seed)
