@@ -10,7 +10,6 @@ Decoding code only talks to these two classes, never to one checkpoint.
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Any, Sequence
 
 import torch

@@ -13,8 +13,8 @@ from magic_edu.clip_tokens import ClipTokenizer
 WORDS = ["a", "red", "circle", "on", "the", "left", "of", "two", "dogs", "Dog", "playing", "frisbee", "it's",
          "they're", "don't", "I'll", "we've", "X-ray", "e-mail", "3D", "2024", "7", "<start_of_text>", "<end_of_text>",
          "&", "&amp;", "&lt;b&gt;", "caf\u00e9", "na\u00efve", "\u201cquoted\u201d", "\u00c9cole", "\U0001f436",
-         "\u3053\u3093\u306b\u3061\u306f", "\ufb01sh", "\uff21\uff22", "", "'s", "'", "'''", "...", "?!", ",", ".", "(x)",
-         "co-op", "U.S.A.", "mr.", "HTTP://x.org", "C++", "#tag", "@user", "50%", "$3.99", "\u00bd", "x\u00b2"]
+         "\u3053\u3093\u306b\u3061\u306f", "\ufb01sh", "\uff21\uff22", "", "'s", "'", "'''", "...", "?!", ",", ".",
+         "(x)", "co-op", "U.S.A.", "mr.", "HTTP://x.org", "C++", "#tag", "@user", "50%", "$3.99", "\u00bd", "x\u00b2"]
 SPACES = [" ", " ", " ", "  ", "\t", "\n", " \n ", "\r\n", "\u00a0", "\u2028", ""]
 
 
