@@ -146,8 +146,8 @@ class LanguageModel:
         return ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """The tokenizer's plain ``decode`` (special tokens kept)."""
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        """The tokenizer's plain ``decode`` (special tokens kept, no clean-up of spaces)."""
+        return self.clip_texts_raw([ids])[0]
 
     def token_text(self, token_id: int) -> str:
         """The text of one token as it would appear in a decoded string."""

@@ -112,6 +112,19 @@ def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
         assert lm.clip_texts_extended(rows, row_candidates) == expected_rows  # a batch mixing both kinds
 
 
+def test_decode_is_the_tokenizers_decode(tiny_lm):
+    from magic_edu.presets import load_models
+    from magic_edu.random_models import random_language_model, word_tokenizer
+
+    gen = torch.Generator().manual_seed(1)
+    for lm in (tiny_lm, load_models("toy").lm, random_language_model(tokenizer=word_tokenizer(3000))):
+        for _ in range(50):
+            ids = torch.randint(0, lm.vocab_size, (int(torch.randint(0, 15, (1,), generator=gen)),),
+                                generator=gen).tolist()
+            assert lm.decode(ids) == lm.tokenizer.decode(ids, skip_special_tokens=False,
+                                                         clean_up_tokenization_spaces=False)
+
+
 def test_clip_texts_equal_decode(tiny_lm):
     ids = [tiny_lm.prefix_ids("a red circle") + [5, 6], [tiny_lm.eos_token_id, 7], [], [9, tiny_lm.eos_token_id, 10]]
     expected = [tiny_lm.decode(i).split(tiny_lm.eos_token, 1)[0] for i in ids]
