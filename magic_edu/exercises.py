@@ -34,6 +34,7 @@ nb  checker                           the answer
 8   check_story_budget                new tokens left for a title under the paper's 100
 9   check_rep_n                       f(texts, n) -> SimCTG's rep-n
 9   check_gradient_free               what ZeroCap changes by gradient steps
+9   check_candidate_mask              f(past, k) -> which keys each side-by-side candidate sees
 ==  ================================  =============================================
 """
 
@@ -651,11 +652,47 @@ def check_gradient_free(answer: Any) -> Verdict:
                    "ZeroCap keeps every weight frozen; it changes what the LM remembers of the text so far.")
 
 
+@_function_check
+def check_candidate_mask(fn: Any) -> Verdict:
+    """Exercise 9.3: ``fn(past, k)`` -> the (k, past + k) attention mask of k candidates run side by
+    side after ``past`` cached positions: True (1) where candidate i may attend, that is every cached
+    position and its own position past + i; False (0) elsewhere."""
+    if _is_placeholder(fn):
+        return _unanswered()
+    for past, k in ((3, 4), (1, 1), (5, 2), (0, 3)):
+        got = _array(_call(fn, past, k))
+        want = np.array([[j < past or j == past + i for j in range(past + k)] for i in range(k)])
+        if got.shape != want.shape:
+            return _wrong(f"for past={past}, k={k} the mask has one row per candidate and one column per key: "
+                          f"shape (k, past + k) = {want.shape}; yours is {got.shape}.")
+        if np.isinf(got).any() or (got < 0).any():
+            return _wrong("return True (or 1) where a candidate may attend and False (or 0) elsewhere, not an "
+                          "additive mask of 0 and -inf (the library builds that one from this).")
+        allowed = got != 0
+        if (allowed == want).all():
+            continue
+        causal = np.array([[j <= past + i for j in range(past + k)] for i in range(k)])
+        if (allowed == causal).all():
+            return _wrong("that is the usual causal mask: candidate i would also see candidates 0..i-1. They are "
+                          "alternatives for the same position, not earlier tokens: each may see only the cache "
+                          "and itself.")
+        if not allowed[:, :past].all():
+            return _wrong("every candidate must see all the cached positions (the first `past` columns).")
+        if not allowed[np.arange(k), past + np.arange(k)].all():
+            return _wrong("each candidate must see itself (column past + i): attention always includes the token's "
+                          "own position.")
+        return _wrong(f"for past={past}, k={k} expected {want.astype(int).tolist()}, got "
+                      f"{allowed.astype(int).tolist()}.")
+    return _right("with this mask and every candidate at position `past`, one forward of k tokens gives each "
+                  "candidate exactly the hidden state of its own one-token forward, and the cache is never "
+                  "copied k times (`LanguageModel.forward_candidates`).")
+
+
 __all__ = [
     "Verdict", "CONTRASTIVE_TABLE", "CONTRASTIVE_ALPHA", "DECODER_OPTIONS", "BETA_LIMIT_OPTIONS", "GRADIENT_OPTIONS",
     "check_scene_caption", "check_mle_preset", "check_top_k_filter", "check_nucleus_filter",
     "check_degeneration_penalty", "check_contrastive_pick", "check_clip_scores", "check_temperature",
     "check_magic_score", "check_pick_without_clip", "check_clip_retrieval", "check_decoders_that_see",
     "check_k_equals_one", "check_beta_limit", "check_story_prefix", "check_story_budget", "check_rep_n",
-    "check_gradient_free",
+    "check_gradient_free", "check_candidate_mask",
 ]

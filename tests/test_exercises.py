@@ -45,7 +45,8 @@ def not_implemented(*args):
 
 
 FUNCTION_CHECKERS = [ex.check_top_k_filter, ex.check_nucleus_filter, ex.check_degeneration_penalty,
-                     ex.check_clip_scores, ex.check_magic_score, ex.check_clip_retrieval, ex.check_rep_n]
+                     ex.check_clip_scores, ex.check_magic_score, ex.check_clip_retrieval, ex.check_rep_n,
+                     ex.check_candidate_mask]
 
 
 @pytest.mark.parametrize("check", FUNCTION_CHECKERS, ids=lambda c: c.__name__)
@@ -323,3 +324,46 @@ def test_rep_n_agrees_with_the_evaluation_module():
 def test_gradient_free():
     right(ex.check_gradient_free("b"))
     wrong(ex.check_gradient_free("a"), "frozen")
+
+
+def candidate_mask(past, k):
+    mask = torch.zeros(k, past + k, dtype=torch.bool)
+    mask[:, :past] = True
+    mask[torch.arange(k), past + torch.arange(k)] = True
+    return mask
+
+
+def test_candidate_mask():
+    right(ex.check_candidate_mask(candidate_mask))
+    right(ex.check_candidate_mask(lambda past, k: candidate_mask(past, k).int().tolist()))
+    wrong(ex.check_candidate_mask(lambda past, k: torch.ones(k, past + k).tril(past)), "causal")
+    wrong(ex.check_candidate_mask(lambda past, k: torch.where(candidate_mask(past, k), 0.0, float("-inf"))),
+          "additive")
+    wrong(ex.check_candidate_mask(lambda past, k: candidate_mask(past, k)[:, past:]), "shape")
+    wrong(ex.check_candidate_mask(_without_self), "itself")
+    wrong(ex.check_candidate_mask(lambda past, k: torch.cat([torch.zeros(k, past, dtype=torch.bool),
+                                                             torch.eye(k, dtype=torch.bool)], 1)), "cached")
+
+
+def _without_self(past, k):
+    mask = candidate_mask(past, k)
+    mask[torch.arange(k), past + torch.arange(k)] = False
+    return mask
+
+
+def test_candidate_mask_is_what_the_library_attends_with(tiny_lm64):
+    """The exercise's mask, as an additive mask, in a plain forward gives forward_candidates' hidden states."""
+    lm = tiny_lm64
+    prefix = torch.tensor([lm.prefix_ids("a red circle")])
+    _, _, cache = lm.forward(prefix)
+    candidates = torch.tensor([[5, 9, 13, 2]])
+    hidden, _ = lm.forward_candidates(candidates, cache)
+    past = prefix.shape[1]
+    allowed = torch.zeros(past + 4, past + 4, dtype=torch.bool)
+    allowed[:past, :past] = torch.ones(past, past, dtype=torch.bool).tril()  # the prefix: causal
+    allowed[past:] = candidate_mask(past, 4)  # the candidates: the exercise's mask
+    additive = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, torch.finfo(torch.float64).min)
+    positions = torch.cat([torch.arange(past), torch.full((4,), past)])[None]
+    out = lm.model(input_ids=torch.cat([prefix, candidates], dim=1), attention_mask=additive[None, None],
+                   position_ids=positions, output_hidden_states=True)
+    assert torch.allclose(out.hidden_states[-1][0, past:], hidden[0], atol=1e-10)
