@@ -408,19 +408,16 @@ def _repeat_rows(cache: KeysValues, n: int) -> KeysValues:
 
 def _keep_candidate(cache: KeysValues, past: int, chosen: torch.Tensor) -> KeysValues:
     """From the keys and values of ``LanguageModel.forward_candidates`` (``past`` positions, then
-    the k candidates), those of the ``past`` positions plus each row's chosen candidate. The
-    chosen ones are moved to position ``past`` in place: these tensors are this step's own (its
-    forward made them), so no earlier state changes."""
-    if len(chosen) == 1:  # one row: plain slices (fewer, cheaper tensor operations)
-        rows, at = slice(None), int(chosen[0]) + past
-    else:
-        rows, at = torch.arange(len(chosen), device=chosen.device), past + chosen
-    kept = []
-    for key, value in cache:
-        key[:, :, past] = key[rows, :, at]
-        value[:, :, past] = value[rows, :, at]
-        kept.append((key[:, :, : past + 1], value[:, :, : past + 1]))
-    return kept
+    the k candidates), new tensors of the ``past`` positions plus each row's chosen candidate
+    (new, so that a state kept for Back holds no room for k candidates)."""
+    rows, at = torch.arange(len(chosen), device=chosen.device), past + chosen
+    only = past + int(chosen[0]) if len(chosen) == 1 else None  # one row: a plain slice, cheaper
+
+    def with_chosen(t: torch.Tensor) -> torch.Tensor:
+        picked = t[:, :, only: only + 1] if only is not None else t[rows, :, at][:, :, None]
+        return torch.cat([t[:, :, :past], picked], dim=2)
+
+    return [(with_chosen(key), with_chosen(value)) for key, value in cache]
 
 
 def _floats(xs: Any) -> list[float]:

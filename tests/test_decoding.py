@@ -379,3 +379,17 @@ def test_paper_sized_models_take_the_reference_tokens():
     batch = magic_search(lm, clip, images, **kw)
     assert batch[0].token_ids == magic_reference(lm, clip, images[0], **kw)
     assert [g.token_ids for g in batch] == [magic_search(lm, clip, im, **kw).token_ids for im in images]
+
+
+def test_states_kept_for_back_hold_only_their_own_positions(tiny_lm, tiny_clip):
+    """The candidates' forward makes room for k extra positions; a state kept for Back must not
+    keep that room alive (memory would grow k-fold over a long decode)."""
+    s = Stepper(tiny_lm, "magic", clip=tiny_clip, image=make_image(0), k=8, max_new_tokens=6, stop_at_eos=False)
+    s.run()
+    states = s._history + [s._state]
+    assert len(states) == 7
+    for t, state in enumerate(states):
+        for key, value in state.cache:
+            assert key.shape[2] == len(s.prefix) + t
+            for tensor in (key, value):
+                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
