@@ -1,7 +1,10 @@
 """Train ShapesWorld's two models the paper's way, from scratch, on a CPU.
 
-    python -m magic_edu.toy_training --out data/toy           # everything, about 15 min on 2 cores
-    python -m magic_edu.toy_training --out /tmp/toy --quick   # a miniature, under a minute
+    magic-edu toy --out data/toy           # everything, about 8 min on 2 cores, the same models every time
+    magic-edu toy --out /tmp/toy --quick   # a miniature, under a minute
+    magic-edu toy --report                 # the README's results table for the models in data/toy
+
+(``python -m magic_edu.toy_training`` takes the same arguments.)
 
 It writes
 * ``lm/``       a GPT-2 trained on captions and stories only (never an image) with the SimCTG
