@@ -410,12 +410,13 @@ def _keep_candidate(cache: KeysValues, past: int, chosen: torch.Tensor) -> KeysV
     """From the keys and values of ``LanguageModel.forward_candidates`` (``past`` positions, then
     the k candidates), new tensors of the ``past`` positions plus each row's chosen candidate
     (new, so that a state kept for Back holds no room for k candidates)."""
-    rows, at = torch.arange(len(chosen), device=chosen.device), past + chosen
-    only = past + int(chosen[0]) if len(chosen) == 1 else None  # one row: a plain slice, cheaper
+    if len(chosen) == 1:  # one row: plain indexing, cheaper than gathering
+        rows, at = slice(None), past + int(chosen[0])
+    else:
+        rows, at = torch.arange(len(chosen), device=chosen.device), past + chosen
 
-    def with_chosen(t: torch.Tensor) -> torch.Tensor:
-        picked = t[:, :, only: only + 1] if only is not None else t[rows, :, at][:, :, None]
-        return torch.cat([t[:, :, :past], picked], dim=2)
+    def with_chosen(t: torch.Tensor) -> torch.Tensor:  # t[rows, :, at] is (B, heads, d_head) either way
+        return torch.cat([t[:, :, :past], t[rows, :, at][:, :, None]], dim=2)
 
     return [(with_chosen(key), with_chosen(value)) for key, value in cache]
 

@@ -70,10 +70,7 @@ class LanguageModel:
         self._keeps_logits = "logits_to_keep" in params
         self._only_itself: dict[tuple, torch.Tensor] = {}  # forward_candidates' masks, by (k, dtype, device)
         self._token_text_cache: dict[int, str] = {}
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        decoder = type(getattr(backend, "decoder", None)).__name__
-        # see clip_texts_extended; a tokenizer without a decoder joins its tokens with spaces
-        self._decoder_kind = {"ByteLevel": "bytes", "WordPiece": "pieces", "NoneType": "pieces"}.get(decoder)
+        self._decoder_kind = decoder_kind(tokenizer)
         self._piece_cache: dict[int, str] = {}
 
     def _token_id(self, token: str, name: str) -> int:
@@ -147,7 +144,7 @@ class LanguageModel:
 
     def decode(self, ids: Sequence[int]) -> str:
         """The tokenizer's plain ``decode`` (special tokens kept, no clean-up of spaces)."""
-        return self.clip_texts_raw([ids])[0]
+        return self.decode_batch([ids])[0]
 
     def token_text(self, token_id: int) -> str:
         """The text of one token as it would appear in a decoded string."""
@@ -157,8 +154,7 @@ class LanguageModel:
         """The texts of several tokens (remembered, so a trace costs little)."""
         missing = [i for i in dict.fromkeys(int(t) for t in token_ids) if i not in self._token_text_cache]
         if missing:
-            texts = self.tokenizer.batch_decode([[i] for i in missing], skip_special_tokens=False,
-                                                clean_up_tokenization_spaces=False)
+            texts = self.decode_batch([[i] for i in missing])
             self._token_text_cache.update(zip(missing, texts))
         return [self._token_text_cache[int(t)] for t in token_ids]
 
@@ -180,7 +176,7 @@ class LanguageModel:
 
     def clip_texts(self, batch: Sequence[Sequence[int]]) -> list[str]:
         """:meth:`clip_text` of many id lists in one tokenizer call."""
-        return [t.split(self.eos_token, 1)[0] for t in self.clip_texts_raw(batch)]
+        return [t.split(self.eos_token, 1)[0] for t in self.decode_batch(batch)]
 
     def clip_texts_extended(self, batch: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]
                             ) -> list[list[str]]:
@@ -199,7 +195,7 @@ class LanguageModel:
         out: list[list[str] | None] = [None] * len(batch)
         if self._decoder_kind is not None:
             eos = self.eos_token
-            for i, (base, row) in enumerate(zip(self.clip_texts_raw(batch), candidates)):
+            for i, (base, row) in enumerate(zip(self.decode_batch(batch), candidates)):
                 if self._decoder_kind == "bytes" and "\ufffd" not in base:
                     out[i] = [(base + piece).split(eos, 1)[0] for piece in self.token_texts(row)]
                 elif self._decoder_kind == "pieces":
@@ -217,11 +213,11 @@ class LanguageModel:
         missing = [i for i in dict.fromkeys(int(t) for t in token_ids) if i not in self._piece_cache]
         if missing:
             lead = self.decode([self.eos_token_id])
-            texts = self.clip_texts_raw([[self.eos_token_id, i] for i in missing])
+            texts = self.decode_batch([[self.eos_token_id, i] for i in missing])
             self._piece_cache.update((i, text[len(lead):]) for i, text in zip(missing, texts))
         return [self._piece_cache[int(t)] for t in token_ids]
 
-    def clip_texts_raw(self, batch: Sequence[Sequence[int]]) -> list[str]:
+    def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         """``decode`` of many id lists in one tokenizer call (nothing cut)."""
         batch = [list(ids) for ids in batch]
         backend = getattr(self.tokenizer, "backend_tokenizer", None)
@@ -294,6 +290,20 @@ KeysValues = list  # the LM's keys and values: one (keys, values) pair per layer
 def cache_length(cache: KeysValues | None) -> int:
     """The number of positions in ``cache``."""
     return int(cache[0][0].shape[2]) if cache else 0
+
+
+def decoder_kind(tokenizer: Any) -> str | None:
+    """How a tokenizer turns ids into text, for :meth:`LanguageModel.clip_texts_extended`:
+    ``"bytes"`` (a fast tokenizer with a byte-level decoder: the UTF-8 text of the tokens' bytes),
+    ``"pieces"`` (a fast tokenizer whose tokens each become their own piece: a WordPiece decoder,
+    or no decoder, which joins tokens with spaces), or None (anything else: decode in full)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer: no promise about how it decodes
+        return None
+    decoder = backend.decoder
+    if decoder is None:
+        return "pieces"
+    return {"ByteLevel": "bytes", "WordPiece": "pieces"}.get(type(decoder).__name__)
 
 
 def keep_sentences(text: str, n: int) -> str:
@@ -426,6 +436,11 @@ def _encode_text_trimmed(tower: Any, ids: torch.Tensor) -> torch.Tensor:
     x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
     x = tower.ln_final(x)
     x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
+    return _project(tower, x)
+
+
+def _project(tower: Any, x: torch.Tensor) -> torch.Tensor:
+    """The text tower's final projection of the pooled end-of-text states."""
     proj = tower.text_projection
     if proj is None:
         return x
@@ -578,7 +593,4 @@ def _encode_text_shared_prefix(tower: Any, blocks: list[Any], ids: torch.Tensor,
     x = tower.ln_final(suffix)
     ends = lens.cumsum(dim=1) - 1  # (G, n): each row's end-of-text slot
     x = x[torch.arange(g, device=dev)[:, None], ends].reshape(g * n, -1)
-    proj = tower.text_projection
-    if proj is None:
-        return x
-    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return _project(tower, x)

@@ -323,27 +323,28 @@ class StepThrough(W.VBox):
                                               "candidate of a step to see where it leads", error=False)
             return
         self.stepper.step()
-        self._view = None
-        self._render()
+        self._show_latest()
 
     @guarded
     def back(self) -> None:
         """Undo the last step."""
         self._need_stepper().back()
-        self._view = None
-        self._render()
+        self._show_latest()
 
     @guarded
     def reset(self) -> None:
         """Back to before the first step."""
         self._need_stepper().reset()
-        self._view = None
-        self._render()
+        self._show_latest()
 
     @guarded
     def run_to_end(self) -> None:
         """Step until the decode ends (EOS or the length)."""
         self._need_stepper().run()
+        self._show_latest()
+
+    def _show_latest(self) -> None:
+        """Show the last step taken (not an earlier one picked in the history)."""
         self._view = None
         self._render()
 

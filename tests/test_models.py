@@ -112,6 +112,17 @@ def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
         assert lm.clip_texts_extended(rows, row_candidates) == expected_rows  # a batch mixing both kinds
 
 
+def test_decoder_kind_only_promises_what_it_knows(tiny_lm):
+    from types import SimpleNamespace
+
+    from magic_edu.models import decoder_kind
+    from magic_edu.random_models import word_tokenizer
+
+    assert decoder_kind(tiny_lm.tokenizer) == "bytes"
+    assert decoder_kind(word_tokenizer(300)) == "pieces"  # no decoder: tokens joined with spaces
+    assert decoder_kind(SimpleNamespace(decode=lambda ids: "")) is None  # a slow tokenizer: decoded in full
+
+
 def test_decode_is_the_tokenizers_decode(tiny_lm):
     from magic_edu.presets import load_models
     from magic_edu.random_models import random_language_model, word_tokenizer
