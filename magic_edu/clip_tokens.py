@@ -10,14 +10,16 @@ For a text of printable ASCII without ``&``, ftfy and ``html.unescape`` change n
 lower-casing works character by character, and no regex piece can contain whitespace. So
 the ids of the text are the ids of its whitespace-separated words, one after the other:
 ``encode(t) == sum(encode(w) for w in t.split())``. Each word's ids are remembered, and so
-are the ids of each text up to its last space (shared by a step's k texts). Any
-other text (non-ASCII, ``&``, tabs, newlines) or any other tokenizer goes through the
-tokenizer unchanged. ``tests/test_clip_tokens.py`` checks this against open_clip on
-thousands of random texts.
+are the ids of each text up to its last space (shared by a step's k texts). A word seen
+for the first time skips the cleaning too (for such a word it is just lower-casing) and goes
+straight to open_clip's regex split and BPE. Any other text (non-ASCII, ``&``, tabs,
+newlines) or any other tokenizer goes through the tokenizer unchanged.
+``tests/test_clip_tokens.py`` checks this against open_clip on thousands of random texts.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Sequence
 
 import torch
@@ -47,6 +49,11 @@ class ClipTokenizer:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.remembers_words = _remembers_words(tokenizer)
+        # the same tokenizer (vocabulary, BPE cache) with lower-casing as its only cleaning:
+        # what ftfy, html.unescape and whitespace_clean amount to on one printable ASCII word without "&"
+        self._plain = copy.copy(tokenizer)
+        if self.remembers_words:
+            self._plain.clean_fn = str.lower
         self._words: dict[str, list[int]] = {}
         self._heads: dict[str, list[int]] = {}
 
@@ -73,7 +80,7 @@ class ClipTokenizer:
             if known is None:
                 if len(words) >= MEMO_WORDS:
                     words.clear()
-                known = words[word] = self.tokenizer.encode(word)
+                known = words[word] = self._plain.encode(word)
             ids.extend(known)
         return ids
 

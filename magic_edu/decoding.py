@@ -231,10 +231,14 @@ class Stepper:
         """Contrastive / MAGIC search: score the top-k candidates, take the best."""
         b, k = self.batch_size, self.k
         lm_prob, candidates = probs.topk(k, dim=-1)  # (B, k), most probable first
+        # the candidates' ids reach the host before the LM forward is queued, so on a GPU the
+        # CLIP texts are built and tokenised on the CPU while the GPU runs the LM
+        candidate_ids = candidates.tolist() if self.scorer is not None else None
         hidden_k, cache_k = self.lm.forward_candidates(candidates.to(self.lm.device), s.cache)  # (B, k, d)
         penalty, position, cosines = degeneration_penalty(hidden_k.double(), s.hidden)
         if self.scorer is not None:
-            clip_texts, clip_cosine, clip_score = self.scorer(s.generated, candidates)
+            clip_texts, clip_cosine, clip_score = self.scorer(s.generated, candidate_ids)
+            clip_cosine, clip_score = clip_cosine.to(lm_prob.device), clip_score.to(lm_prob.device)
         else:
             clip_texts, clip_cosine, clip_score = None, None, torch.zeros_like(lm_prob)
         score = magic_score(lm_prob, penalty, clip_score, self.alpha, self.beta)

@@ -110,19 +110,23 @@ def random_clip(folder: str | Path, seed: int = 0, **config: Any) -> ImageTextMa
 # -- paper-sized architectures, for benchmarks ---------------------------------------------
 def word_tokenizer(n_tokens: int = 50257) -> Any:
     """A word-level tokenizer of ``n_tokens`` English words and word pieces, taken from
-    CLIP's own BPE vocabulary (so the texts CLIP scores are as long as real ones), with
-    ``<|endoftext|>`` as BOS, EOS and UNK."""
+    CLIP's own BPE vocabulary (so the texts CLIP scores are as long as real ones), then as
+    many of them capitalised as it takes (GPT-2's vocabulary has both), with ``<|endoftext|>``
+    as BOS, EOS and UNK."""
     import open_clip
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words: dict[str, int] = {EOS: 0}
+    clip_words = []
     for piece in open_clip.get_tokenizer("ViT-B-32-quickgelu").encoder:
         word = piece[:-4] if piece.endswith("</w>") else piece
-        if word.isalpha() and word not in words:
-            words[word] = len(words)
+        if word.isascii() and word.isalpha():  # (the vocabulary's other "letters" are byte codes)
+            clip_words.append(word)
+    words: dict[str, int] = {EOS: 0}
+    for word in clip_words + [w.capitalize() for w in clip_words]:
         if len(words) == n_tokens:
             break
+        words.setdefault(word, len(words))
     tok = Tokenizer(models.WordLevel(words, unk_token=EOS))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, unk_token=EOS)

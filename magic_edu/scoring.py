@@ -57,18 +57,24 @@ class ClipScorer:
         self.image_embeddings = image_embeddings  # (B, d), L2-normalised
         self.clip_text_max_len = clip_text_max_len
 
-    def texts(self, generated: Sequence[Sequence[int]], candidate_ids: torch.Tensor) -> list[list[str]]:
+    def texts(self, generated: Sequence[Sequence[int]], candidate_ids: Sequence[Sequence[int]]) -> list[list[str]]:
         """t_v for every row and candidate."""
         keep = self.clip_text_max_len - 1  # ids of c kept before v
         return self.lm.clip_texts_extended([list(c)[-keep:] if keep else [] for c in generated],
-                                           candidate_ids.tolist())
+                                           [[int(v) for v in row] for row in candidate_ids])
 
     def __call__(
-        self, generated: Sequence[Sequence[int]], candidate_ids: torch.Tensor
+        self, generated: Sequence[Sequence[int]], candidate_ids: Sequence[Sequence[int]] | torch.Tensor
     ) -> tuple[list[list[str]], torch.Tensor, torch.Tensor]:
-        """(texts, cosines (B, k), clip scores (B, k))."""
+        """(texts, cosines (B, k), clip scores (B, k)), on CLIP's device.
+
+        ``candidate_ids`` may be a host list: on a GPU, the text work (decoding, CLIP's
+        tokenisation) then runs on the CPU while the GPU is still busy with earlier work.
+        """
+        if isinstance(candidate_ids, torch.Tensor):
+            candidate_ids = candidate_ids.tolist()
         texts = self.texts(generated, candidate_ids)
         text_emb = self.clip.embed_text_groups(texts)  # (B, k, d); each row's shared prefix encoded once
-        cosines = (text_emb.double() @ self.image_embeddings.double().unsqueeze(-1)).squeeze(-1)
-        cosines = cosines.to(candidate_ids.device)
+        image_emb = self.image_embeddings.to(text_emb.device, torch.float64)
+        cosines = (text_emb.double() @ image_emb.unsqueeze(-1)).squeeze(-1)
         return texts, cosines, torch.softmax(self.clip.logit_scale * cosines, dim=-1)

@@ -71,12 +71,34 @@ def test_known_words_are_not_tokenised_again(simple_tokenizer, monkeypatch):
     fast = ClipTokenizer(simple_tokenizer)
     fast(["a red circle on the left", "a red square"])
     calls = []
-    original = simple_tokenizer.encode
-    monkeypatch.setattr(simple_tokenizer, "encode", lambda text: calls.append(text) or original(text))
+    original = open_clip.tokenizer.SimpleTokenizer.encode
+    monkeypatch.setattr(open_clip.tokenizer.SimpleTokenizer, "encode",
+                        lambda self, text: calls.append(text) or original(self, text))
     fast(["a red circle", "the left square", "a red circle on the left"])
     assert calls == []
     fast(["a blue circle"])
     assert calls == ["blue"]
+
+
+def test_new_words_skip_the_cleaning_and_match_open_clip(simple_tokenizer, monkeypatch):
+    """A word seen for the first time goes to open_clip's regex split and BPE without ftfy;
+    its ids are open_clip's, for words of every printable ASCII character but "&" and space."""
+    rng = random.Random(1)
+    alphabet = [chr(c) for c in range(33, 127) if chr(c) != "&"]
+    vocab_words = [w[:-4] for w in list(simple_tokenizer.encoder)[256:]
+                   if w.endswith("</w>") and w.isascii() and w.isprintable() and "&" not in w]
+    words = rng.sample(vocab_words, 2000)
+    words += ["".join(rng.choices(alphabet, k=rng.randint(1, 12))) for _ in range(2000)]
+    words += [w.upper() for w in words[:200]] + [w.capitalize() for w in words[200:400]] + ["'s", "'ll", "x's"]
+    fixes = []
+    fix_text = open_clip.tokenizer.ftfy.fix_text
+    monkeypatch.setattr(open_clip.tokenizer.ftfy, "fix_text",
+                        lambda text, **kw: fixes.append(text) or fix_text(text, **kw))
+    fast = ClipTokenizer(simple_tokenizer)
+    got = [fast.encode(w) for w in words]
+    assert fixes == []  # nothing went through ftfy
+    assert got == [simple_tokenizer.encode(w) for w in words]  # open_clip's own path, ftfy included
+    assert len(fixes) == len(words)
 
 
 def test_other_tokenizers_go_through_unchanged():

@@ -221,7 +221,7 @@ def test_decoders_accept_every_image_kind(tiny_lm, tiny_clip, tmp_path):
     img = make_image(2)
     img.save(tmp_path / "x.png")
     base = magic_search(tiny_lm, tiny_clip, img, k=4, alpha=0.2, beta=1.0, max_new_tokens=4).token_ids
-    for source in (tmp_path / "x.png", np.asarray(img), torch.from_numpy(np.asarray(img)), img.convert("RGBA")):
+    for source in (tmp_path / "x.png", np.asarray(img), torch.from_numpy(np.array(img)), img.convert("RGBA")):
         assert magic_search(tiny_lm, tiny_clip, source, k=4, alpha=0.2, beta=1.0, max_new_tokens=4).token_ids == base
 
 
