@@ -285,6 +285,11 @@ def summary(timings: list[Timing]) -> list[str]:
         f"{by['MAGIC, no CLIP reuse across steps'].seconds / magic.seconds:.2f}x",
         f"MAGIC batch 1 time inside the two models' forwards: {100 * magic.model_share:.0f}%",
     ]
+    outside = [(key, t) for key, t in by.items() if key.startswith("MAGIC (k=") or key.startswith("MAGIC batch")]
+    lines.append("MAGIC time outside the models per step (text work, tokenisation, bookkeeping): "
+                 + ", ".join(f"{'batch 1' if key.startswith('MAGIC (k=') else key[6:]} "
+                             f"{1000 * (t.seconds - t.lm_s - t.clip_s) * t.captions / max(1, t.tokens):.1f} ms"
+                             for key, t in outside))
     for key, t in by.items():
         if key.startswith("MAGIC batch"):
             lines.append(f"{key} throughput vs batch 1: {magic.ms_per_caption / t.ms_per_caption:.2f}x")

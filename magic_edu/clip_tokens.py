@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 MEMO_WORDS = 200_000  # forget the remembered words beyond this many (a few tens of MB at most)
@@ -64,24 +65,22 @@ class ClipTokenizer:
         # the only whitespace in printable ASCII is " "; MAGIC's k texts of a step share all but
         # their last word, so the ids before the last space are remembered too
         cut = text.rfind(" ")
-        head = text[:cut] if cut > 0 else ""
+        return self._head_ids(text[:max(cut, 0)]) + self._word_ids(text[cut + 1:])
+
+    def _head_ids(self, head: str) -> list[int]:
         ids = self._heads.get(head)
         if ids is None:
             if len(self._heads) >= MEMO_HEADS:
                 self._heads.clear()
-            ids = self._heads[head] = self._words_ids(head)
-        return ids + self._words_ids(text[cut + 1:])
+            ids = self._heads[head] = [i for word in head.split() for i in self._word_ids(word)]
+        return ids
 
-    def _words_ids(self, text: str) -> list[int]:
-        ids: list[int] = []
-        words = self._words
-        for word in text.split():
-            known = words.get(word)
-            if known is None:
-                if len(words) >= MEMO_WORDS:
-                    words.clear()
-                known = words[word] = self._plain.encode(word)
-            ids.extend(known)
+    def _word_ids(self, word: str) -> list[int]:
+        ids = self._words.get(word)
+        if ids is None:
+            if len(self._words) >= MEMO_WORDS:
+                self._words.clear()
+            ids = self._words[word] = self._plain.encode(word) if word else []
         return ids
 
     def __call__(self, texts: Sequence[str], trim: bool = True) -> torch.Tensor:
@@ -91,16 +90,15 @@ class ClipTokenizer:
             ids = self.tokenizer(list(texts))
             return _trim(ids) if trim else ids
         tok = self.tokenizer
-        context = tok.context_length
-        rows = []
-        for text in texts:
-            row = [tok.sot_token_id] + self.encode(text) + [tok.eot_token_id]
-            if len(row) > context:
-                row = row[:context]
+        context, start, end = tok.context_length, [tok.sot_token_id], [tok.eot_token_id]
+        rows = [start + self.encode(text) + end for text in texts]
+        for row in rows:
+            if len(row) > context:  # open_clip's truncation: the end token kept last
+                del row[context:]
                 row[-1] = tok.eot_token_id
-            rows.append(row)
         width = max(map(len, rows), default=1) if trim else context
-        return torch.tensor([row + [0] * (width - len(row)) for row in rows], dtype=torch.long).view(len(rows), width)
+        padded = np.array([row + [0] * (width - len(row)) for row in rows], dtype=np.int64)  # faster than torch.tensor
+        return torch.from_numpy(padded.reshape(len(rows), width))
 
 
 def _trim(ids: torch.Tensor) -> torch.Tensor:
