@@ -54,8 +54,10 @@ def _sync(device: torch.device) -> None:
 def forward_timers(lm: LanguageModel, clip: ImageTextMatcher | None) -> Iterator[dict[str, float]]:
     """Accumulate the time spent inside the LM's forwards (and its head) and CLIP's forwards.
 
-    The transformers / open_clip modules themselves are timed, so any decode loop is measured
-    the same way; a forward called from inside another timed one is not counted twice.
+    The transformers / open_clip modules themselves are timed (and, for CLIP's text tower,
+    ``ImageTextMatcher._encode_ids``, which counts the shared-prefix encoder's own packing and
+    masks as part of the forward), so any decode loop is measured the same way; a forward
+    called from inside another timed one is not counted twice.
     """
     spent = {"lm": 0.0, "clip": 0.0}
     depth = {"lm": 0, "clip": 0}
