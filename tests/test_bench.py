@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import torch
+
+from magic_edu import bench
 from magic_edu.bench import authors_style_magic, bench_models, format_table, step_latency, summary
 from magic_edu.reference import magic_reference
 
@@ -34,3 +37,23 @@ def test_authors_style_loop_takes_the_reference_tokens(tiny_lm64, tiny_clip64):
                                    stop_at_eos=False)
         assert authors_style_magic(tiny_lm64, tiny_clip64, image, k=k, alpha=alpha, beta=beta,
                                    max_new_tokens=6) == expected
+
+
+def test_gpu_timing_takes_the_wall_time_from_a_plain_run(tiny_lm, monkeypatch):
+    """On a GPU, per-forward timing syncs the device (no CPU/GPU overlap), so the wall time comes
+    from a plain run and the timed run's shares are scaled to it. (The CUDA branch, run on the CPU.)"""
+    syncs = []
+    monkeypatch.setattr(bench, "_sync", lambda device: syncs.append(device.type))
+    monkeypatch.setattr(type(tiny_lm), "device", property(lambda self: torch.device("cuda")))
+    ids = torch.tensor([[1, 2, 3]])
+    calls = []
+
+    def run() -> list:
+        calls.append(1)
+        tiny_lm.model(input_ids=ids)  # one timed LM forward when the timers are on
+        return []
+
+    elapsed, lm_s, clip_s, gens = bench._timed_run(run, tiny_lm, None)
+    assert len(calls) == 2 and gens == []
+    assert 0 < lm_s <= elapsed * 1.01 and clip_s == 0
+    assert syncs.count("cuda") == 6  # around the plain run, around the timed run, around its one forward
