@@ -188,6 +188,9 @@ def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: 
         (f"{name} MAGIC, no CLIP prefix sharing", _with_clip(clip, decode("magic"), _blocks=None), lm, clip),
     ]
     runs += [(f"{name} MAGIC batch {b}", decode("magic", batch=b), lm, clip) for b in batches if b > 1]
+    if max(batches) > 1:  # where sharing pays depends on the batch (on a GPU, SHARE_ON_GPU_SAVED_TOKENS)
+        runs.append((f"{name} MAGIC batch {max(batches)}, no CLIP prefix sharing",
+                     _with_clip(clip, decode("magic", batch=max(batches)), _blocks=None), lm, clip))
     runs.append((f"{name} authors-style loop", _as_generations(
         lambda: authors_style_magic(lm, clip, images[0], k=k, alpha=alpha, beta=beta, max_new_tokens=tokens)),
         lm, clip))
@@ -287,13 +290,17 @@ def summary(timings: list[Timing]) -> list[str]:
         f"{by['MAGIC, no CLIP reuse across steps'].seconds / magic.seconds:.2f}x",
         f"MAGIC batch 1 time inside the two models' forwards: {100 * magic.model_share:.0f}%",
     ]
-    outside = [(key, t) for key, t in by.items() if key.startswith("MAGIC (k=") or key.startswith("MAGIC batch")]
+    outside = [(key, t) for key, t in by.items()
+               if key.startswith("MAGIC (k=") or (key.startswith("MAGIC batch") and "," not in key)]
     lines.append("MAGIC time outside the models per step (text work, tokenisation, bookkeeping): "
                  + ", ".join(f"{'batch 1' if key.startswith('MAGIC (k=') else key[6:]} "
                              f"{1000 * (t.seconds - t.lm_s - t.clip_s) * t.captions / max(1, t.tokens):.1f} ms"
                              for key, t in outside))
     for key, t in by.items():
-        if key.startswith("MAGIC batch"):
+        if key.startswith("MAGIC batch") and key.endswith("no CLIP prefix sharing"):
+            shared = by[key.split(",")[0]]
+            lines.append(f"CLIP prefix sharing speed-up at {key[6:].split(',')[0]}: {t.seconds / shared.seconds:.2f}x")
+        elif key.startswith("MAGIC batch"):
             lines.append(f"{key} throughput vs batch 1: {magic.ms_per_caption / t.ms_per_caption:.2f}x")
         if key.startswith("authors-style"):
             lines.append(f"fast MAGIC vs the authors-style loop: {t.ms_per_caption / magic.ms_per_caption:.2f}x faster")

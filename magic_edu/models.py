@@ -10,6 +10,7 @@ Decoding code only talks to these two classes, never to one checkpoint.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -21,7 +22,10 @@ from .inputs import ImageLike, load_image
 
 DEFAULT_PROMPT_FORMAT = "{sos}{prompt}"
 STORY_PROMPT_FORMAT = "{prompt} {eos}"
-SHARE_ON_GPU_TOKENS = 16384  # on a GPU, encode shared CLIP prefixes once only above this many tokens
+# On a GPU, encode the candidates' shared CLIP prefix once only when that saves at least this many
+# token positions of text-tower work (below it the extra kernel launches cost more; an estimate
+# from the H200's float32 throughput and launch cost, to be checked with scripts/gpu_check.sh).
+SHARE_ON_GPU_SAVED_TOKENS = 4096
 
 
 class LanguageModel:
@@ -388,22 +392,32 @@ class ImageTextMatcher:
         if len(sizes) != 1 or 0 in sizes:
             raise MagicEduError("groups: every group must hold the same number (>= 1) of texts")
         n = sizes.pop()
-        ids = self.tokenize([t for g in groups for t in g])
+        ids = self._clip_tokenizer([t for g in groups for t in g], trim=self._tower is not None)  # on the CPU
         return self._encode_ids(ids.view(len(groups), n, -1))
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """The text tower's forward on token ids (G, n, L): normalised (G, n, d)."""
+        """The text tower's forward on token ids (G, n, L): normalised (G, n, d).
+
+        The packing is planned on the CPU (no device round trip); sharing the prefix saves
+        arithmetic (what bounds a CPU, and a GPU on large batches) but adds kernel launches (what
+        bounds a GPU on small ones): on a GPU it is used when it saves enough token positions.
+        """
         g, n, length = ids.shape
-        # Sharing the prefix saves arithmetic (what bounds a CPU) but adds kernel launches (what
-        # bounds a GPU on small batches): share on the CPU, or on a GPU once the batch is large.
-        share = self._blocks is not None and (ids.device.type == "cpu" or g * n * length >= SHARE_ON_GPU_TOKENS)
+        device = self.device
+        memo = self.prefix_memo if self.remember_prefixes else None
+        packed = None
+        if self._blocks is not None:
+            if memo is not None:
+                memo.check_weights(self._tower)
+            packed = _pack_rows(ids.cpu(), memo)
+            if device.type != "cpu" and g * n * length - packed.positions < SHARE_ON_GPU_SAVED_TOKENS:
+                packed = None
         if self._tower is None:
-            emb = self.model.encode_text(ids.view(g * n, length))
-        elif not share:
-            emb = _encode_text_trimmed(self._tower, ids.view(g * n, length))
+            emb = self.model.encode_text(ids.view(g * n, length).to(device))
+        elif packed is None:
+            emb = _encode_text_trimmed(self._tower, ids.view(g * n, length).to(device))
         else:
-            emb = _encode_text_shared_prefix(self._tower, self._blocks, ids,
-                                             self.prefix_memo if self.remember_prefixes else None)
+            emb = _encode_packed(self._tower, self._blocks, packed.to(device), memo)
         return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(g, n, -1)
 
     def text_cosines(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
@@ -530,67 +544,92 @@ class PrefixMemo:
         self._now, self._before = {}, {}
 
 
-def _encode_text_shared_prefix(tower: Any, blocks: list[Any], ids: torch.Tensor,
-                               memo: PrefixMemo | None = None) -> torch.Tensor:
-    """open_clip's text encoder on G groups of n token rows (G, n, L). Exact: the tower is
-    causal and pools the end-of-text token, so
+@dataclass
+class _Packed:
+    """G groups of n token rows laid out for :func:`_encode_packed` (see :func:`_pack_rows`)."""
 
-    * each group's common token prefix is encoded once (and only from where ``memo`` has no
-      keys and values for it);
-    * the rest of the n rows, up to their end-of-text tokens, run packed one after another
-      in one sequence per group, each seeing the prefix and its own earlier tokens only (no
-      padding to the longest row).
+    prefixes: list[list[int]]  # each group's shared prefix, tokens 0 .. p - 1
+    reused: int  # r: positions < r come from the memo's keys and values
+    remembered: list[list[tuple[torch.Tensor, torch.Tensor]] | None]  # per group, the memo's entry
+    prefix_ids: torch.Tensor  # (G, p - r): the prefix tokens still to encode
+    prefix_mask: torch.Tensor  # (p - r, p): what each of them sees
+    tokens: torch.Tensor  # (G, T): the rows' own tokens, one row after the other
+    position: torch.Tensor  # (G, T): their positions in their rows
+    suffix_mask: torch.Tensor  # (G, 1, T, p + T): each sees the prefix and its own row's earlier tokens
+    ends: torch.Tensor  # (G, n): the slot of each row's end-of-text token
+
+    @property
+    def positions(self) -> int:
+        """Token positions the text tower runs: the new prefix tokens and the packed slots."""
+        return self.prefix_ids.numel() + self.tokens.numel()
+
+    def to(self, device: torch.device) -> "_Packed":
+        return replace(self, **{name: getattr(self, name).to(device) for name in
+                                ("prefix_ids", "prefix_mask", "tokens", "position", "suffix_mask", "ends")})
+
+
+def _pack_rows(ids: torch.Tensor, memo: PrefixMemo | None = None) -> _Packed:
+    """Plan the shared-prefix encoding of G groups of n token rows (G, n, L):
+
+    * each group's common token prefix (tokens 0 .. p - 1, the same p for all groups) is
+      encoded once, and only from r on where ``memo`` has keys and values for its beginning;
+    * the rest of the n rows, up to their end-of-text tokens, are packed one after another
+      in one sequence per group (no padding to the longest row).
     """
     g, n, length = ids.shape
-    dev = ids.device
     eot = ids.argmax(dim=-1)  # (G, n): the end-of-text position of every row
     same = (ids == ids[:, :1]).all(dim=1).all(dim=0)  # (L,): positions equal within every group
     differ = (~same).nonzero()
     p = int(differ[0]) if len(differ) else length
     p = max(1, min(p, int(eot.min())))  # every row keeps at least its end-of-text token after the prefix
     prefixes = ids[:, 0, :p].tolist()
-    if memo is not None:
-        memo.check_weights(tower)
     remembered = [memo.longest(tokens) if memo is not None else (0, None) for tokens in prefixes]
-    r = min(min(hit for hit, _ in remembered), p - 1)  # keys and values reused for positions < r
-    cast = tower.transformer.get_cast_dtype()
-    pos = tower.positional_embedding.to(cast)
-    prefix = tower.token_embedding(ids[:, 0, r:p]).to(cast) + pos[r:p]  # (G, p - r, d)
+    r = min(min(hit for hit, _ in remembered), p - 1)
     # new prefix queries see the reused part and the causal part of the new one
-    ones = dict(dtype=torch.bool, device=dev)
-    prefix_mask = torch.cat([torch.ones(p - r, r, **ones), torch.ones(p - r, p - r, **ones).tril()], dim=1)
-
-    # pack: row i of a group brings its tokens p .. eot_i; slot t of a group holds one of them
+    prefix_mask = torch.cat([torch.ones(p - r, r, dtype=torch.bool), torch.ones(p - r, p - r, dtype=torch.bool).tril()],
+                            dim=1)
+    # row i of a group brings its tokens p .. eot_i; slot t of a group holds one of them
     s = length - p
     lens = eot - p + 1  # (G, n)
-    valid = torch.arange(s, device=dev) < lens[..., None]  # (G, n, S)
+    valid = torch.arange(s) < lens[..., None]  # (G, n, S)
     totals = lens.sum(dim=1)  # (G,)
-    slot = torch.arange(int(totals.max()), device=dev) < totals[:, None]  # (G, T)
-    tokens = torch.zeros(slot.shape, dtype=ids.dtype, device=dev)
+    slot = torch.arange(int(totals.max())) < totals[:, None]  # (G, T)
+    tokens = torch.zeros(slot.shape, dtype=ids.dtype)
     tokens[slot] = ids[:, :, p:][valid]
-    position = torch.zeros(slot.shape, dtype=torch.long, device=dev)
-    position[slot] = (p + torch.arange(s, device=dev)).expand(g, n, s)[valid]
-    row = torch.full(slot.shape, -1, dtype=torch.long, device=dev)
-    row[slot] = torch.arange(n, device=dev)[:, None].expand(g, n, s)[valid]
+    position = torch.zeros(slot.shape, dtype=torch.long)
+    position[slot] = (p + torch.arange(s)).expand(g, n, s)[valid]
+    row = torch.full(slot.shape, -1, dtype=torch.long)
+    row[slot] = torch.arange(n)[:, None].expand(g, n, s)[valid]
     own = (row[:, :, None] == row[:, None, :]) & (position[:, None, :] <= position[:, :, None])
-    suffix_mask = torch.cat([torch.ones(g, slot.shape[1], p, **ones), own], dim=2)[:, None]  # (G, 1, T, p + T)
-    suffix = tower.token_embedding(tokens).to(cast) + pos[position]  # (G, T, d)
+    suffix_mask = torch.cat([torch.ones(g, slot.shape[1], p, dtype=torch.bool), own], dim=2)[:, None]
+    return _Packed(prefixes, r, [entry for _, entry in remembered], ids[:, 0, r:p], prefix_mask, tokens, position,
+                   suffix_mask, lens.cumsum(dim=1) - 1)
 
+
+def _encode_packed(tower: Any, blocks: list[Any], packed: _Packed, memo: PrefixMemo | None = None) -> torch.Tensor:
+    """open_clip's text encoder on the rows :func:`_pack_rows` laid out: (G * n, d). Exact: the
+    tower is causal and pools the end-of-text token, so a row's embedding depends only on its
+    own tokens, and a shared prefix's keys and values are the same for every row."""
+    r = packed.reused
+    cast = tower.transformer.get_cast_dtype()
+    pos = tower.positional_embedding.to(cast)
+    prefix = tower.token_embedding(packed.prefix_ids).to(cast) + pos[r: r + packed.prefix_ids.shape[1]]
+    suffix = tower.token_embedding(packed.tokens).to(cast) + pos[packed.position]  # (G, T, d)
     prefix_kv = []
     for i, block in enumerate(blocks):
         past = None
         if r > 0:
-            past = tuple(torch.cat([entry[i][j][:, :, :r] for _, entry in remembered]) for j in (0, 1))
-        prefix, (k, v) = _attend(block, prefix, past, prefix_mask)
+            past = tuple(torch.cat([entry[i][j][:, :, :r] for entry in packed.remembered]) for j in (0, 1))
+        prefix, (k, v) = _attend(block, prefix, past, packed.prefix_mask)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         prefix_kv.append((k, v))
-        suffix, _ = _attend(block, suffix, (k, v), suffix_mask)
+        suffix, _ = _attend(block, suffix, (k, v), packed.suffix_mask)
     if memo is not None:
         memo.new_call()
-        for group, tokens_g in enumerate(prefixes):
-            memo.remember(tokens_g, [(k[group: group + 1], v[group: group + 1]) for k, v in prefix_kv])
+        for group, tokens in enumerate(packed.prefixes):
+            memo.remember(tokens, [(k[group: group + 1], v[group: group + 1]) for k, v in prefix_kv])
     x = tower.ln_final(suffix)
-    ends = lens.cumsum(dim=1) - 1  # (G, n): each row's end-of-text slot
-    x = x[torch.arange(g, device=dev)[:, None], ends].reshape(g * n, -1)
+    g, n = packed.ends.shape
+    x = x[torch.arange(g, device=x.device)[:, None], packed.ends].reshape(g * n, -1)
     return _project(tower, x)

@@ -306,3 +306,22 @@ def test_text_towers_without_prefix_sharing_fall_back_exactly(tiny_clip):
     plain._blocks = None  # as for a text tower of another kind: trimmed ids, open_clip's own blocks
     texts = ["a red circle", "a red"]
     assert torch.allclose(plain.embed_texts(texts), tiny_clip.embed_texts(texts), atol=1e-5)
+
+
+def test_packing_plan_counts_the_positions_the_tower_runs(tiny_clip):
+    """The packed layout's size (what decides sharing on a GPU), worked out row by row here."""
+    from magic_edu import models
+
+    groups = [["a red circle", "a red circ", "a red circle on the", "a red"],
+              ["the blue", "the blue star", "the bl", "the blue something else entirely"]]
+    ids = tiny_clip._clip_tokenizer([t for g in groups for t in g]).view(2, 4, -1)
+    rows = [[[int(i) for i in row if i != 0] for row in group] for group in ids.tolist()]  # start .. end, no padding
+    p = 0
+    while all(len(row) > p + 1 and row[p] == group[0][p] for group in rows for row in group):
+        p += 1  # positions equal within every group, each row keeping at least its end token after them
+    packed_lengths = [sum(len(row) - p for row in group) for group in rows]
+    packed = models._pack_rows(ids)
+    assert p == 2  # start, then "a" in one group, "the" in the other
+    assert packed.prefix_ids.shape == (2, p) and packed.tokens.shape == (2, max(packed_lengths))
+    assert packed.positions == 2 * p + 2 * max(packed_lengths)
+    assert packed.positions < ids.numel()  # fewer positions than encoding every row in full
