@@ -403,14 +403,15 @@ class ImageTextMatcher:
         bounds a GPU on small ones): on a GPU it is used when it saves enough token positions.
         """
         g, n, length = ids.shape
-        device = self.device
+        device, full = self.device, g * n * length  # full: token positions of every row encoded in full
+        gpu = device.type != "cpu"
         memo = self.prefix_memo if self.remember_prefixes else None
         packed = None
-        if self._blocks is not None:
+        if self._blocks is not None and (not gpu or full >= SHARE_ON_GPU_SAVED_TOKENS):
             if memo is not None:
                 memo.check_weights(self._tower)
             packed = _pack_rows(ids.cpu(), memo)
-            if device.type != "cpu" and g * n * length - packed.positions < SHARE_ON_GPU_SAVED_TOKENS:
+            if gpu and full - packed.positions < SHARE_ON_GPU_SAVED_TOKENS:
                 packed = None
         if self._tower is None:
             emb = self.model.encode_text(ids.view(g * n, length).to(device))

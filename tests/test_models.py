@@ -325,3 +325,24 @@ def test_packing_plan_counts_the_positions_the_tower_runs(tiny_clip):
     assert packed.prefix_ids.shape == (2, p) and packed.tokens.shape == (2, max(packed_lengths))
     assert packed.positions == 2 * p + 2 * max(packed_lengths)
     assert packed.positions < ids.numel()  # fewer positions than encoding every row in full
+
+
+@pytest.mark.parametrize("threshold, path", [(0, "_encode_packed"), (10**9, "_encode_text_trimmed")])
+def test_text_encoding_off_the_cpu_moves_everything_to_the_model(tmp_path, monkeypatch, threshold, path):
+    """The GPU branch of the text encoding (sharing chosen by the tokens it saves), run on the
+    "meta" device: a tensor left on the CPU that meets a meta one in arithmetic raises (index
+    tensors are let through there, as on a GPU for indexing, but not for embedding lookups)."""
+    from magic_edu import models
+    from magic_edu.random_models import random_clip
+
+    clip = random_clip(tmp_path)
+    clip.model.to("meta")
+    monkeypatch.setattr(models, "SHARE_ON_GPU_SAVED_TOKENS", threshold)
+    taken = []
+    for name in ("_encode_packed", "_encode_text_trimmed"):
+        original = getattr(models, name)
+        monkeypatch.setattr(models, name, lambda *a, _f=original, _n=name, **kw: taken.append(_n) or _f(*a, **kw))
+    for step in range(2):  # the second call reuses the first one's prefix keys and values
+        emb = clip.embed_text_groups([["a red circle", "a red square"], ["a red star", "a red"]])
+        assert emb.device.type == "meta" and emb.shape == (2, 2, 32)
+    assert taken == [path, path]
