@@ -97,7 +97,9 @@ def forward_timers(lm: LanguageModel, clip: ImageTextMatcher | None) -> Iterator
 
 
 def _timed_run(run: Callable[[], list], lm: LanguageModel, clip: ImageTextMatcher | None) -> tuple:
-    """(seconds, of which in the LM, of which in CLIP, Generations) of one call of ``run``.
+    """(seconds, of which in the LM, of which in CLIP, tokens, captions) of one call of ``run``
+    (the Generations themselves are dropped: kept across rounds, their traces' many small
+    objects would slow every later run through Python's garbage collector).
 
     Timing a forward on a GPU means waiting for it, which stops the CPU's text work from
     overlapping the GPU's; so on a GPU ``run`` is called twice, once plainly for the wall time
@@ -117,12 +119,12 @@ def _timed_run(run: Callable[[], list], lm: LanguageModel, clip: ImageTextMatche
         _sync(lm.device)
         elapsed = time.perf_counter() - t
     scale = 1.0 if plain is None else plain / elapsed
-    return elapsed * scale, spent["lm"] * scale, spent["clip"] * scale, gens
+    return elapsed * scale, spent["lm"] * scale, spent["clip"] * scale, sum(len(g.token_ids) for g in gens), len(gens)
 
 
 def _median_timing(label: str, samples: list[tuple]) -> Timing:
-    elapsed, lm_s, clip_s, gens = sorted(samples, key=lambda r: r[0])[len(samples) // 2]
-    return Timing(label, elapsed, sum(len(g.token_ids) for g in gens), len(gens), lm_s, clip_s)
+    elapsed, lm_s, clip_s, tokens, captions = sorted(samples, key=lambda r: r[0])[len(samples) // 2]
+    return Timing(label, elapsed, tokens, captions, lm_s, clip_s)
 
 
 def time_decode(label: str, run: Callable[[], list], lm: LanguageModel, clip: ImageTextMatcher | None,

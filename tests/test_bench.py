@@ -53,7 +53,7 @@ def test_gpu_timing_takes_the_wall_time_from_a_plain_run(tiny_lm, monkeypatch):
         tiny_lm.model(input_ids=ids)  # one timed LM forward when the timers are on
         return []
 
-    elapsed, lm_s, clip_s, gens = bench._timed_run(run, tiny_lm, None)
-    assert len(calls) == 2 and gens == []
+    elapsed, lm_s, clip_s, tokens, captions = bench._timed_run(run, tiny_lm, None)
+    assert len(calls) == 2 and tokens == captions == 0
     assert 0 < lm_s <= elapsed * 1.01 and clip_s == 0
     assert syncs.count("cuda") == 6  # around the plain run, around the timed run, around its one forward
