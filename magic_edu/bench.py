@@ -190,9 +190,11 @@ def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: 
         (f"{name} MAGIC, no CLIP prefix sharing", _with_clip(clip, decode("magic"), _blocks=None), lm, clip),
     ]
     runs += [(f"{name} MAGIC batch {b}", decode("magic", batch=b), lm, clip) for b in batches if b > 1]
-    if max(batches) > 1:  # where sharing pays depends on the batch (on a GPU, SHARE_ON_GPU_SAVED_TOKENS)
-        runs.append((f"{name} MAGIC batch {max(batches)}, no CLIP prefix sharing",
-                     _with_clip(clip, decode("magic", batch=max(batches)), _blocks=None), lm, clip))
+    if max(batches) > 1:  # what the trace and the prefix sharing cost or save at the largest batch
+        top = max(batches)
+        runs.append((f"{name} MAGIC batch {top}, no trace", decode("magic", batch=top, record=False), lm, clip))
+        runs.append((f"{name} MAGIC batch {top}, no CLIP prefix sharing",
+                     _with_clip(clip, decode("magic", batch=top), _blocks=None), lm, clip))
     runs.append((f"{name} authors-style loop", _as_generations(
         lambda: authors_style_magic(lm, clip, images[0], k=k, alpha=alpha, beta=beta, max_new_tokens=tokens)),
         lm, clip))
@@ -302,6 +304,10 @@ def summary(timings: list[Timing]) -> list[str]:
         if key.startswith("MAGIC batch") and key.endswith("no CLIP prefix sharing"):
             shared = by[key.split(",")[0]]
             lines.append(f"CLIP prefix sharing speed-up at {key[6:].split(',')[0]}: {t.seconds / shared.seconds:.2f}x")
+        elif key.startswith("MAGIC batch") and key.endswith("no trace"):
+            traced = by[key.split(",")[0]]
+            lines.append(f"trace recording overhead at {key[6:].split(',')[0]}: "
+                         f"{100 * (traced.seconds / t.seconds - 1):+.1f}%")
         elif key.startswith("MAGIC batch"):
             lines.append(f"{key} throughput vs batch 1: {magic.ms_per_caption / t.ms_per_caption:.2f}x")
         if key.startswith("authors-style"):

@@ -15,7 +15,8 @@ def test_bench_models_reports_every_decoder(tiny_lm, tiny_clip):
     timings = bench_models(tiny_lm, tiny_clip, "tiny GPT-2 + CLIP", (1, 2), tokens=3, k=4, repeats=1, reference=True)
     labels = [t.label for t in timings]
     for word in ("greedy", "top-k", "nucleus", "contrastive", "MAGIC (k=4)", "no trace", "no CLIP prefix sharing",
-                 "no CLIP reuse across steps", "batch 2", "authors-style", "reference"):
+                 "no CLIP reuse across steps", "batch 2", "batch 2, no trace", "batch 2, no CLIP prefix sharing",
+                 "authors-style", "reference"):
         assert any(word in label for label in labels), word
     for t in timings:
         assert t.seconds > 0 and 0 <= t.lm_s <= t.seconds * 1.01 and 0 <= t.clip_s <= t.seconds * 1.01
