@@ -301,15 +301,15 @@ def summary(timings: list[Timing]) -> list[str]:
                              f"{1000 * (t.seconds - t.lm_s - t.clip_s) * t.captions / max(1, t.tokens):.1f} ms"
                              for key, t in outside))
     for key, t in by.items():
-        if key.startswith("MAGIC batch") and key.endswith("no CLIP prefix sharing"):
-            shared = by[key.split(",")[0]]
-            lines.append(f"CLIP prefix sharing speed-up at {key[6:].split(',')[0]}: {t.seconds / shared.seconds:.2f}x")
-        elif key.startswith("MAGIC batch") and key.endswith("no trace"):
-            traced = by[key.split(",")[0]]
-            lines.append(f"trace recording overhead at {key[6:].split(',')[0]}: "
-                         f"{100 * (traced.seconds / t.seconds - 1):+.1f}%")
-        elif key.startswith("MAGIC batch"):
-            lines.append(f"{key} throughput vs batch 1: {magic.ms_per_caption / t.ms_per_caption:.2f}x")
+        base, _, variant = key.partition(", ")  # e.g. "MAGIC batch 16", "no trace"
+        if base.startswith("MAGIC batch"):
+            batch = base[len("MAGIC "):]
+            if variant == "no CLIP prefix sharing":
+                lines.append(f"CLIP prefix sharing speed-up at {batch}: {t.seconds / by[base].seconds:.2f}x")
+            elif variant == "no trace":
+                lines.append(f"trace recording overhead at {batch}: {100 * (by[base].seconds / t.seconds - 1):+.1f}%")
+            else:
+                lines.append(f"{key} throughput vs batch 1: {magic.ms_per_caption / t.ms_per_caption:.2f}x")
         if key.startswith("authors-style"):
             lines.append(f"fast MAGIC vs the authors-style loop: {t.ms_per_caption / magic.ms_per_caption:.2f}x faster")
         if key.startswith("reference"):

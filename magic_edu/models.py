@@ -371,7 +371,11 @@ class ImageTextMatcher:
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """open_clip token ids, trimmed to the longest text (exact for causal towers);
         words seen before are not tokenised again (:mod:`magic_edu.clip_tokens`)."""
-        return self._clip_tokenizer(texts, trim=self._tower is not None).to(self.device)
+        return self._token_ids(texts).to(self.device)
+
+    def _token_ids(self, texts: Sequence[str]) -> torch.Tensor:
+        """:meth:`tokenize` on the CPU."""
+        return self._clip_tokenizer(texts, trim=self._tower is not None)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -392,11 +396,11 @@ class ImageTextMatcher:
         if len(sizes) != 1 or 0 in sizes:
             raise MagicEduError("groups: every group must hold the same number (>= 1) of texts")
         n = sizes.pop()
-        ids = self._clip_tokenizer([t for g in groups for t in g], trim=self._tower is not None)  # on the CPU
+        ids = self._token_ids([t for g in groups for t in g])
         return self._encode_ids(ids.view(len(groups), n, -1))
 
     def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """The text tower's forward on token ids (G, n, L): normalised (G, n, d).
+        """The text tower's forward on token ids (G, n, L) on the CPU: normalised (G, n, d).
 
         The packing is planned on the CPU (no device round trip); sharing the prefix saves
         arithmetic (what bounds a CPU, and a GPU on large batches) but adds kernel launches (what
@@ -410,7 +414,7 @@ class ImageTextMatcher:
         if self._blocks is not None and (not gpu or full >= SHARE_ON_GPU_SAVED_TOKENS):
             if memo is not None:
                 memo.check_weights(self._tower)
-            packed = _pack_rows(ids.cpu(), memo)
+            packed = _pack_rows(ids, memo)
             if gpu and full - packed.positions < SHARE_ON_GPU_SAVED_TOKENS:
                 packed = None
         if self._tower is None:

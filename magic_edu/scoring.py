@@ -60,8 +60,7 @@ class ClipScorer:
     def texts(self, generated: Sequence[Sequence[int]], candidate_ids: Sequence[Sequence[int]]) -> list[list[str]]:
         """t_v for every row and candidate."""
         keep = self.clip_text_max_len - 1  # ids of c kept before v
-        return self.lm.clip_texts_extended([list(c)[-keep:] if keep else [] for c in generated],
-                                           [[int(v) for v in row] for row in candidate_ids])
+        return self.lm.clip_texts_extended([list(c)[-keep:] if keep else [] for c in generated], candidate_ids)
 
     def __call__(
         self, generated: Sequence[Sequence[int]], candidate_ids: Sequence[Sequence[int]] | torch.Tensor
