@@ -4,14 +4,7 @@ A language model proposes its top-k next tokens; CLIP re-ranks them by how well 
 so far plus each token matches an image. Everything below is importable from here.
 """
 
-from .decoding import (
-    Stepper,
-    contrastive_search,
-    greedy_search,
-    magic_search,
-    nucleus_sampling,
-    top_k_sampling,
-)
+from .decoding import (Stepper, contrastive_search, greedy_search, magic_search, nucleus_sampling, top_k_sampling,)
 from .errors import MagicEduError
 from .inputs import load_image
 from .models import ImageTextMatcher, LanguageModel

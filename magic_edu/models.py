@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from .clip_tokens import ClipTokenizer
+from .fast.clip_tokens import ClipTokenizer
 from .errors import MagicEduError
 from .inputs import ImageLike, load_image
 
@@ -370,7 +370,7 @@ class ImageTextMatcher:
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         """open_clip token ids, trimmed to the longest text (exact for causal towers);
-        words seen before are not tokenised again (:mod:`magic_edu.clip_tokens`)."""
+        words seen before are not tokenised again (:mod:`magic_edu.fast.clip_tokens`)."""
         return self._token_ids(texts).to(self.device)
 
     def _token_ids(self, texts: Sequence[str]) -> torch.Tensor:

@@ -21,9 +21,9 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from magic_edu.bench import forward_timers
+from magic_edu.tools.bench import forward_timers
 from magic_edu.decoding import Stepper
-from magic_edu.random_models import EOS, random_clip, random_language_model
+from magic_edu.tools.random_models import EOS, random_clip, random_language_model
 
 torch.set_num_threads(1)
 words = [w[:-4] if w.endswith("</w>") else w for w in open_clip.get_tokenizer("ViT-B-32-quickgelu").encoder]

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 import magic_edu
-from magic_edu import cli, evaluation
-from magic_edu.evaluation import evaluate, load_results, table_to_dict
+from magic_edu.tools import cli, evaluation
+from magic_edu.tools.evaluation import evaluate, load_results, table_to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 needs_coco = pytest.mark.skipif(
@@ -95,9 +95,9 @@ def test_evaluate_of_a_malformed_file_is_a_one_line_error(tmp_path, capsys):
 @needs_coco
 @pytest.mark.slow
 def test_evaluate_as_a_module_with_the_real_metrics(results_file):
-    """The command as a user runs it (python -m magic_edu.cli == the magic-edu script), real METEOR."""
+    """The command as a user runs it (python -m magic_edu.tools.cli == the magic-edu script), real METEOR."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "magic_edu.cli", "evaluate", str(results_file), "--json"],
+    done = subprocess.run([sys.executable, "-m", "magic_edu.tools.cli", "evaluate", str(results_file), "--json"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr
     scores = json.loads(done.stdout)
@@ -286,7 +286,7 @@ def test_subcommands_are_registered_from_one_list(monkeypatch, capsys):
 # -- caption with the real decoders on tiny random models ------------------------------------------
 @pytest.fixture(scope="module")
 def random_models(tmp_path_factory):
-    from magic_edu.random_models import random_clip, random_language_model
+    from magic_edu.tools.random_models import random_clip, random_language_model
 
     return SimpleNamespace(lm=random_language_model(seed=1), clip=random_clip(tmp_path_factory.mktemp("clip")),
                            defaults={"k": 4, "alpha": 0.1, "beta": 2.0, "max_new_tokens": 6})

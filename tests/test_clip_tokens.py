@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from magic_edu.clip_tokens import ClipTokenizer
+from magic_edu.fast.clip_tokens import ClipTokenizer
 
 WORDS = ["a", "red", "circle", "on", "the", "left", "of", "two", "dogs", "Dog", "playing", "frisbee", "it's",
          "they're", "don't", "I'll", "we've", "X-ray", "e-mail", "3D", "2024", "7", "<start_of_text>", "<end_of_text>",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from magic_edu import contrastive_search, greedy_search, magic_search, top_k_sampling
-from magic_edu.random_models import random_clip, random_language_model
+from magic_edu.tools.random_models import random_clip, random_language_model
 
 from conftest import make_image
 

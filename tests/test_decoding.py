@@ -13,7 +13,7 @@ from magic_edu import (
     ImageTextMatcher, MagicEduError, Stepper, Trace, contrastive_search, greedy_search, magic_search, nucleus_sampling,
     top_k_sampling,
 )
-from magic_edu.random_models import random_language_model
+from magic_edu.tools.random_models import random_language_model
 from magic_edu.reference import magic_reference
 
 from conftest import make_image
@@ -369,7 +369,7 @@ def test_paper_sized_models_take_the_reference_tokens():
     k = 45: the fast loop (candidates side by side, the CLIP prefix shared, kept across steps
     and followed by packed candidate tokens, texts extended, words remembered) takes the
     reference loop's tokens, alone and in a batch."""
-    from magic_edu.random_models import clip_vit_b32, gpt2_small
+    from magic_edu.tools.random_models import clip_vit_b32, gpt2_small
 
     lm, clip = gpt2_small(seed=1), clip_vit_b32(seed=1)
     lm.model.double()

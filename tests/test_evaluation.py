@@ -1,4 +1,4 @@
-"""magic_edu.evaluation against hand-worked numbers and second implementations written here.
+"""magic_edu.tools.evaluation against hand-worked numbers and second implementations written here.
 
 The COCO metrics run the real pycocoevalcap (Java); each such call starts METEOR's JVM
 (about 10 s), so tests that are not about METEOR replace it with a stub.
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from magic_edu import evaluation
+from magic_edu.tools import evaluation
 from magic_edu.errors import MagicEduError
-from magic_edu.evaluation import (
+from magic_edu.tools.evaluation import (
     caption_metrics,
     clip_score,
     evaluate,
@@ -397,7 +397,7 @@ def test_clip_score_with_a_real_open_clip_model_matches_a_direct_computation(tmp
     import open_clip
     from PIL import Image
 
-    from magic_edu.random_models import random_clip
+    from magic_edu.tools.random_models import random_clip
 
     clip = random_clip(tmp_path / "clip", seed=3)
     images = [Image.new("RGB", (40, 40), color) for color in ("red", "navy", "white")]

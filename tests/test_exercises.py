@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from magic_edu import exercises as ex
-from magic_edu import shapes
+from magic_edu.course import exercises as ex
+from magic_edu.toyworld import shapes
 from magic_edu.models import STORY_PROMPT_FORMAT
 from magic_edu.trace import StepRecord
 
@@ -312,7 +312,7 @@ def test_rep_n():
 
 
 def test_rep_n_agrees_with_the_evaluation_module():
-    from magic_edu.evaluation import repetition_and_diversity
+    from magic_edu.tools.evaluation import repetition_and_diversity
 
     texts = ["a red circle a red circle .", "a blue star on the left .", "star star star star"]
     lib = repetition_and_diversity(texts)

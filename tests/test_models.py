@@ -85,7 +85,7 @@ def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
 
     assert tiny_lm._decoder_kind == "bytes"
     gen = torch.Generator().manual_seed(0)
-    from magic_edu.random_models import random_language_model, word_tokenizer
+    from magic_edu.tools.random_models import random_language_model, word_tokenizer
 
     # byte-level BPE; word-level with a WordPiece decoder; word-level without a decoder
     lms = [tiny_lm, load_models("toy").lm, random_language_model(tokenizer=word_tokenizer(3000))]
@@ -116,7 +116,7 @@ def test_decoder_kind_only_promises_what_it_knows(tiny_lm):
     from types import SimpleNamespace
 
     from magic_edu.models import decoder_kind
-    from magic_edu.random_models import word_tokenizer
+    from magic_edu.tools.random_models import word_tokenizer
 
     assert decoder_kind(tiny_lm.tokenizer) == "bytes"
     assert decoder_kind(word_tokenizer(300)) == "pieces"  # no decoder: tokens joined with spaces
@@ -125,7 +125,7 @@ def test_decoder_kind_only_promises_what_it_knows(tiny_lm):
 
 def test_decode_is_the_tokenizers_decode(tiny_lm):
     from magic_edu.presets import load_models
-    from magic_edu.random_models import random_language_model, word_tokenizer
+    from magic_edu.tools.random_models import random_language_model, word_tokenizer
 
     gen = torch.Generator().manual_seed(1)
     for lm in (tiny_lm, load_models("toy").lm, random_language_model(tokenizer=word_tokenizer(3000))):
@@ -180,7 +180,7 @@ def test_keep_sentences():
 
 
 def test_from_pretrained_adds_missing_tokens(tiny_lm, tmp_path):
-    from magic_edu.random_models import byte_level_tokenizer, random_language_model
+    from magic_edu.tools.random_models import byte_level_tokenizer, random_language_model
 
     lm = random_language_model(sos_token=None, tokenizer=byte_level_tokenizer())
     lm.model.save_pretrained(tmp_path)
@@ -262,7 +262,7 @@ def test_prefix_reuse_across_calls_is_exact_and_saves_work(tmp_path, monkeypatch
     reused: the same embeddings as open_clip's full encode, for fewer token forwards; and a
     change to the weights is noticed."""
     from magic_edu import models
-    from magic_edu.random_models import random_clip
+    from magic_edu.tools.random_models import random_clip
 
     clip = random_clip(tmp_path, seed=3)
     clip.model.double()
@@ -333,7 +333,7 @@ def test_text_encoding_off_the_cpu_moves_everything_to_the_model(tmp_path, monke
     "meta" device: a tensor left on the CPU that meets a meta one in arithmetic raises (index
     tensors are let through there, as on a GPU for indexing, but not for embedding lookups)."""
     from magic_edu import models
-    from magic_edu.random_models import random_clip
+    from magic_edu.tools.random_models import random_clip
 
     clip = random_clip(tmp_path)
     clip.model.to("meta")

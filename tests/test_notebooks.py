@@ -3,7 +3,7 @@
 * Static checks (fast): the nine notebooks exist in teaching order; each is under 2 MB, holds no
   widget state and no error or stderr output, has its outputs committed, and has learning
   goals, the MODELS switch, exercises (answer cell, checker cell, hidden solution) and further
-  reading. See ``magic_edu.notebook_tools.problems``.
+  reading. See ``magic_edu.course.notebook_tools.problems``.
 * Execution (slow): each notebook runs in a fresh ``python3`` kernel with nbclient on the toy
   world, fails on the first error, and must finish within ``MAGIC_EDU_NOTEBOOK_LIMIT_S``
   seconds (default 90: 1.5 x the course's promise of 60 s on 2 CPU cores, which is checked on
@@ -17,7 +17,7 @@ import os
 
 import pytest
 
-from magic_edu import notebook_tools as nt
+from magic_edu.course import notebook_tools as nt
 from magic_edu.presets import data_dir
 
 COURSE = [
@@ -57,7 +57,7 @@ def test_course_map_has_a_goal_for_every_notebook(name):
 
 def test_run_times_are_recorded_and_within_the_limit():
     times = nt.read_run_times().get("notebooks", {})
-    assert sorted(times) == COURSE, "run python -m magic_edu.notebook_tools run to record them"
+    assert sorted(times) == COURSE, "run python -m magic_edu.course.notebook_tools run to record them"
     slow = {name: t for name, t in times.items() if t > nt.TIME_LIMIT_S}
     assert not slow, f"notebooks over {nt.TIME_LIMIT_S:.0f} s: {slow}"
 

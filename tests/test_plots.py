@@ -12,7 +12,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from magic_edu import MagicEduError, Stepper, Trace, analysis, plots  # noqa: E402
+from magic_edu import MagicEduError, Stepper, Trace
+from magic_edu.tools import analysis
+from magic_edu.views import plots  # noqa: E402
 from conftest import make_image  # noqa: E402
 
 ALPHA, BETA, K = 0.3, 1.5, 5

@@ -28,7 +28,7 @@ from magic_edu import MagicEduError, Stepper, magic_search
 from magic_edu.presets import (
     PAPER_PAD, PAPER_SOS, ModelNotDownloadedError, ModelSet, list_presets, load_models,
 )
-from magic_edu.random_models import EOS, byte_level_tokenizer, clip_config
+from magic_edu.tools.random_models import EOS, byte_level_tokenizer, clip_config
 
 from conftest import make_image
 
@@ -364,7 +364,7 @@ TOY_DEFAULTS = {"k": 8, "alpha": 0.3, "beta": 1.0, "max_new_tokens": 12,
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory) -> Path:
-    from magic_edu.random_models import save_random_clip
+    from magic_edu.tools.random_models import save_random_clip
 
     data = tmp_path_factory.mktemp("toy_data")
     toy = data / "toy"

@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from magic_edu import shapes
-from magic_edu.shapes import ShapeObject, grounding, is_template_caption, make_scene, text_consistent
+from magic_edu.toyworld import shapes
+from magic_edu.toyworld.shapes import ShapeObject, grounding, is_template_caption, make_scene, text_consistent
 
 
 # -- reading a scene back from its pixels --------------------------------------------------

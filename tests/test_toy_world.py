@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from magic_edu import ImageTextMatcher, LanguageModel, greedy_search, magic_search, shapes
-from magic_edu import toy_training as tt
+from magic_edu import ImageTextMatcher, LanguageModel, greedy_search, magic_search
+from magic_edu.toyworld import shapes
+from magic_edu.toyworld import training as tt
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy"
 
@@ -123,7 +124,7 @@ def test_magic_grounds_held_out_single_object_scenes(toy):
 @pytest.mark.slow
 def test_miniature_training_runs(tmp_path, capsys):
     """The training code end to end at a miniature size; its output loads like the real one."""
-    from magic_edu import cli
+    from magic_edu.tools import cli
 
     assert cli.main(["toy", "--quick", "--out", str(tmp_path), "--threads", "1"]) == 0  # `magic-edu toy`
     summary = json.loads((tmp_path / "training_summary.json").read_text())

@@ -15,9 +15,11 @@ import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from conftest import make_image  # noqa: E402
-from magic_edu import Stepper, analysis, shapes  # noqa: E402
+from magic_edu import Stepper
+from magic_edu.tools import analysis
+from magic_edu.toyworld import shapes  # noqa: E402
 from magic_edu.presets import ModelSet, data_dir, load_models  # noqa: E402
-from magic_edu.widgets import CompareDecoders, ImagePicker, StepThrough, Sweep  # noqa: E402
+from magic_edu.views.widgets import CompareDecoders, ImagePicker, StepThrough, Sweep  # noqa: E402
 
 PNG = b"\x89PNG"
 
@@ -305,7 +307,7 @@ def test_sweep_bad_grids_show_a_message(models, image, field, value, expected):
 def test_widgets_on_the_toy_models():
     if not (data_dir() / "toy" / "defaults.json").is_file():
         pytest.skip(f"the toy models are not trained yet: {data_dir() / 'toy'} has no defaults.json "
-                    "(python -m magic_edu.toy_training --out data/toy)")
+                    "(python -m magic_edu.toyworld.training --out data/toy)")
     toy = load_models("toy")
     w = StepThrough(toy)
     no_error(w)

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .models import ImageTextMatcher, LanguageModel
+from ..models import ImageTextMatcher, LanguageModel
 
 EOS = "<|endoftext|>"
 

@@ -1,12 +1,12 @@
 """Run, clean and check the course notebooks (``notebooks/NN_*.ipynb``).
 
-    python -m magic_edu.notebook_tools run            # execute every notebook in place, clean, check
-    python -m magic_edu.notebook_tools run 05         # only notebooks whose name starts with 05
-    python -m magic_edu.notebook_tools check          # check the committed notebooks, run nothing
-    python -m magic_edu.notebook_tools course-map     # the README's course map (goal, run time)
+    python -m magic_edu.course.notebook_tools run            # execute every notebook in place, clean, check
+    python -m magic_edu.course.notebook_tools run 05         # only notebooks whose name starts with 05
+    python -m magic_edu.course.notebook_tools check          # check the committed notebooks, run nothing
+    python -m magic_edu.course.notebook_tools course-map     # the README's course map (goal, run time)
 
 ``run`` executes each notebook top to bottom with nbclient in the ``python3`` kernel of the
-interpreter that runs it (so ``.venv/bin/python -m magic_edu.notebook_tools run`` uses the
+interpreter that runs it (so ``.venv/bin/python -m magic_edu.course.notebook_tools run`` uses the
 venv), offline (``HF_HUB_OFFLINE=1``) and with one intra-op thread (``OMP_NUM_THREADS=1``: the
 toy models gain nothing from more, and lose a lot when other processes compete for the cores),
 then cleans what it writes:
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 RUN_TIMES = "run_times.json"
 MAX_BYTES = 2_000_000
@@ -330,7 +330,7 @@ def write_run_times(times: dict[str, float], folder: str | os.PathLike = NOTEBOO
     data.pop("torch_threads", None)
     data["kernel_threads"] = int(OFFLINE_ENV["OMP_NUM_THREADS"])
     data["measured"] = time.strftime("%Y-%m-%d")
-    data["note"] = "wall time of python -m magic_edu.notebook_tools run: kernel start to last cell, toy world"
+    data["note"] = "wall time of python -m magic_edu.course.notebook_tools run: kernel start to last cell, toy world"
     path = Path(folder) / RUN_TIMES
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
     return path
@@ -398,7 +398,7 @@ def _run(paths: Iterable[Path], limit: float, solutions: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m magic_edu.notebook_tools", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m magic_edu.course.notebook_tools", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute notebooks in place (clean metadata, record run times), then check")
     run.add_argument("only", nargs="*", help="notebook name prefixes (default: all)")

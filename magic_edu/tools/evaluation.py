@@ -34,7 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence, Union
 import numpy as np
 import pandas as pd
 
-from .errors import MagicEduError
+from ..errors import MagicEduError
 
 ResultsLike = Union[str, os.PathLike, Sequence[Mapping[str, Any]]]
 

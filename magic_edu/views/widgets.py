@@ -27,13 +27,15 @@ import ipywidgets as W
 import pandas as pd
 from PIL import Image
 
-from . import analysis, plots, shapes
-from .decoding import DECODERS, Stepper
-from .errors import MagicEduError
-from .photos import list_sample_photos, load_sample_photo, load_user_image
+from ..tools import analysis
+from . import plots
+from ..toyworld import shapes
+from ..decoding import DECODERS, Stepper
+from ..errors import MagicEduError
+from ..photos import list_sample_photos, load_sample_photo, load_user_image
 from .plots import Figure
-from .presets import ModelSet
-from .trace import Generation, StepRecord, Trace
+from ..presets import ModelSet
+from ..trace import Generation, StepRecord, Trace
 
 SCENE_SEEDS = 9_000_000  # the toy world's held-out seeds (training used seeds below 1,000,000)
 PLOT_DPI = 72

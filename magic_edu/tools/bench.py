@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .decoding import Stepper
-from .models import ImageTextMatcher, LanguageModel
+from ..decoding import Stepper
+from ..models import ImageTextMatcher, LanguageModel
 
 
 @dataclass
@@ -200,7 +200,7 @@ def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: 
         lm, clip))
     out = time_decodes(runs, repeats)
     if reference:
-        from .reference import magic_reference
+        from ..reference import magic_reference
 
         out.append(time_decode(f"{name} reference loop (no cache, no batching)", _as_generations(
             lambda: magic_reference(lm, clip, images[0], k=k, alpha=alpha, beta=beta, max_new_tokens=tokens,
@@ -209,7 +209,7 @@ def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: 
 
 
 def _as_generations(run_ids: Callable[[], list[int]]) -> Callable[[], list]:
-    from .trace import Generation, Trace
+    from ..trace import Generation, Trace
 
     return lambda: [Generation("", run_ids(), Trace({}, [], []))]
 
@@ -327,7 +327,7 @@ def run_benchmarks(which: str = "all", device: str | None = None, repeats: int =
     print_fn(f"machine: {machine()}; device: {device}")
     results: dict[str, list[Timing]] = {}
     if which in ("all", "toy"):
-        from .presets import load_models
+        from ..presets import load_models
 
         models = load_models("toy", device=device)
         d = models.defaults
@@ -340,7 +340,7 @@ def run_benchmarks(which: str = "all", device: str | None = None, repeats: int =
         print_fn(f"  StepThrough step (Stepper.step + trace record): "
                  f"{step_latency(models.lm, models.clip, d['k'], d['alpha'], d['beta']):.1f} ms")
         try:
-            from .widgets import step_timings
+            from ..views.widgets import step_timings
         except ImportError as err:  # a machine without ipywidgets (e.g. a bare GPU box)
             print_fn(f"  StepThrough widget: not measured ({err})")
         else:

@@ -4,7 +4,7 @@
     magic-edu toy --out /tmp/toy --quick   # a miniature, under a minute
     magic-edu toy --report                 # the README's results table for the models in data/toy
 
-(``python -m magic_edu.toy_training`` takes the same arguments.)
+(``python -m magic_edu.toyworld.training`` takes the same arguments.)
 
 It writes
 * ``lm/``       a GPT-2 trained on captions and stories only (never an image) with the SimCTG
@@ -21,7 +21,7 @@ One LM serves captions (``<-start_of_text-> caption <|endoftext|>``) and stories
 CLIP (ModifiedResNet image tower at 64 px, 2-layer text tower) is trained contrastively on
 (image, text) pairs. The target is multi-positive: text j is a positive for image i whenever
 the caption (or story) grammar could have written it, or a text starting with it, about scene
-i (:func:`magic_edu.shapes.text_consistent`). That copes with duplicate captions in a batch
+i (:func:`magic_edu.toyworld.shapes.text_consistent`). That copes with duplicate captions in a batch
 and teaches CLIP to score the partial captions MAGIC shows it at every step. Two phases:
 
 1. single-object scenes only, each with one whole caption and its *counterfactuals* (the
@@ -564,8 +564,8 @@ def tune_defaults(out: Path, cfg: TrainConfig) -> dict:
     all-right share among settings with at least 90% fluent captions (:func:`fluent_caption`).
     Stories (prompt :data:`STORY_PROMPT`): maximise the share naming only shapes that are there
     (:func:`story_grounded`) + the share the story grammar could have written about the scene."""
-    from . import ImageTextMatcher, LanguageModel, magic_search
-    from .models import STORY_PROMPT_FORMAT
+    from .. import ImageTextMatcher, LanguageModel, magic_search
+    from ..models import STORY_PROMPT_FORMAT
 
     lm = LanguageModel.from_pretrained(str(out / "lm"), sos_token=SOS, pad_token=PAD)
     clip = ImageTextMatcher.from_pretrained(f"local-dir:{(out / 'clip').resolve()}")
@@ -616,8 +616,8 @@ DECODER_ROWS = ("greedy", "contrastive", "top-k", "nucleus", "MAGIC", "CLIP retr
 def load_toy(out: Path):
     """(caption LM, story LM, CLIP, defaults) of a trained toy folder, through the library's
     own loaders (the same path as any checkpoint)."""
-    from . import ImageTextMatcher, LanguageModel
-    from .models import STORY_PROMPT_FORMAT
+    from .. import ImageTextMatcher, LanguageModel
+    from ..models import STORY_PROMPT_FORMAT
 
     lm = LanguageModel.from_pretrained(str(out / "lm"), sos_token=SOS, pad_token=PAD)
     story_dir = out / "lm-story" if (out / "lm-story").is_dir() else out / "lm"
@@ -640,7 +640,7 @@ def decode_all(lm, clip, defaults: dict, scenes: list[shapes.Scene], retrieval_p
     """Every decoder's caption of every scene. The image-blind decoders use the paper's
     baselines' settings (top-k k=40, nucleus p=0.95, contrastive k and alpha of MAGIC);
     CLIP retrieval returns the training caption CLIP scores highest (the paper's baseline)."""
-    from . import contrastive_search, greedy_search, magic_search, nucleus_sampling, top_k_sampling
+    from .. import contrastive_search, greedy_search, magic_search, nucleus_sampling, top_k_sampling
 
     k, alpha, beta, mnt = (defaults[x] for x in ("k", "alpha", "beta", "max_new_tokens"))
     n = len(scenes)
@@ -676,7 +676,7 @@ def score_captions(texts: list[str], scenes: list[shapes.Scene]) -> dict[str, fl
 
 def magic_milliseconds(lm, clip, defaults: dict, n: int = 20) -> float:
     """Mean wall time of one toy MAGIC caption (one image at a time, trace recorded), in ms."""
-    from . import magic_search
+    from .. import magic_search
 
     scenes = held_out_scenes(n, multi=False)
     magic_search(lm, clip, scenes[0].image, **{k: defaults[k] for k in ("k", "alpha", "beta", "max_new_tokens")})
@@ -732,7 +732,7 @@ def results_table(out: Path = Path("data/toy"), n: int = 200) -> tuple[str, dict
 def story_examples(out: Path = Path("data/toy"), n: int = 4, image_dir: Path | None = None) -> str:
     """A few MAGIC stories of held-out scenes (title = the tuned prompt), as markdown; with
     ``image_dir`` the scene images are saved there and shown."""
-    from . import magic_search
+    from .. import magic_search
 
     _, story_lm, clip, defaults = load_toy(out)
     st = defaults["story"]

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from .bench import add_bench_command
-from .errors import MagicEduError
+from ..errors import MagicEduError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DECODERS = ("magic", "greedy", "contrastive", "top-k", "nucleus")
@@ -91,7 +91,7 @@ def add_caption_command(subparsers: Any) -> None:
 def run_caption(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .trace import write_json_atomic
+    from ..trace import write_json_atomic
 
     if args.batch_size < 1:
         raise MagicEduError(f"--batch-size must be at least 1; got {args.batch_size}")
@@ -158,7 +158,7 @@ def caption_batch(
     batch: list[tuple[str, Path]], decode: Callable[[list, list[str]], list[str]], refs: dict[str, list[str]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Read and caption one batch: (result entries, skipped entries with the reason)."""
-    from .inputs import load_image
+    from ..inputs import load_image
 
     names, paths, images, skipped = [], [], [], []
     for name, path in batch:
@@ -295,7 +295,7 @@ def _load_models(preset: str) -> Any:
 # -- toy -----------------------------------------------------------------------------------
 def add_toy_command(subparsers: Any) -> None:
     """``magic-edu toy``: train the toy world's models, or print their results table."""
-    from .toy_training import add_toy_command as add
+    from ..toyworld.training import add_toy_command as add
 
     add(subparsers)
 

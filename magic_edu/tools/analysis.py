@@ -21,9 +21,9 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import MagicEduError
-from .inputs import ImageLike, load_image
-from .trace import Generation, Trace
+from ..errors import MagicEduError
+from ..inputs import ImageLike, load_image
+from ..trace import Generation, Trace
 
 TraceLike = Union[Trace, Generation, str, os.PathLike]
 

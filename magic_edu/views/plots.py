@@ -23,11 +23,10 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.figure import SubFigure
 
-from .analysis import (TraceLike, as_trace, chosen_ids, degeneration_matrix, divergence_step, score_parts,
-                       token_label)
-from .errors import MagicEduError
-from .inputs import ImageLike, load_image
-from .trace import StepRecord, Trace
+from ..tools.analysis import (TraceLike, as_trace, chosen_ids, degeneration_matrix, divergence_step, score_parts, token_label)
+from ..errors import MagicEduError
+from ..inputs import ImageLike, load_image
+from ..trace import StepRecord, Trace
 
 
 class Figure(MplFigure):

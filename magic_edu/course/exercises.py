@@ -172,7 +172,7 @@ def _torch():
 @_never_raises
 def check_scene_caption(caption: Any, scene: Any) -> Verdict:
     """Exercise 1.1: a caption of your own that names every shape of ``scene`` with its colour."""
-    from . import shapes
+    from ..toyworld import shapes
 
     if _is_placeholder(caption):
         return _unanswered("write your caption as a string, e.g. \"a red circle and a blue star.\"")
@@ -205,7 +205,7 @@ def check_mle_preset(answer: Any) -> Verdict:
     """Exercise 1.2: the preset whose LM was trained with plain MLE (no SimCTG loss)."""
     if _is_placeholder(answer):
         return _unanswered("set the answer to a preset name (see magic_edu.list_presets()).")
-    from .presets import PRESETS
+    from ..presets import PRESETS
 
     if answer == "toy-mle":
         return _right("'toy-mle' is the twin of 'toy': same data, same size, trained without the contrastive "

@@ -1,0 +1,1 @@
+"""Helpers of the course notebooks: exercise checkers and the notebook runner."""
