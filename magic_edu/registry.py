@@ -1,0 +1,133 @@
+"""Every decoder, described once: its name, label, parameters with their ranges, and what it needs.
+
+:class:`~magic_edu.decoding.Stepper`, the widgets, the plots, the command line, the analysis and
+the toy report all read :data:`DECODERS`. Adding a decoder is one entry here plus its step in
+:mod:`magic_edu.decoding` (and a function that runs it, named by ``function``).
+
+A parameter's value comes from, in order: the caller's argument; the model's preset settings
+(``LanguageModel.defaults``, for parameters with ``from_preset``); the default here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from .errors import MagicEduError
+from .inputs import check_float, check_int
+
+
+@dataclass(frozen=True)
+class Param:
+    """One setting of a decoder.
+
+    ``low`` / ``high``: the allowed range (inclusive unless ``low_open``); ``high="vocab"``
+    means at most the LM's vocabulary size. ``slider``: (min, max, step) a widget offers.
+    ``from_preset``: a preset's value of this name applies (top-k sampling's k is another
+    quantity than the candidates' k of contrastive and MAGIC search, so it does not).
+    """
+
+    name: str
+    kind: type  # int or float
+    default: Any
+    low: float | int | None
+    high: float | int | str | None
+    help: str
+    slider: tuple[float, float, float] | None = None
+    low_open: bool = False
+    from_preset: bool = True
+
+    def check(self, value: Any, vocab_size: int | None = None) -> Any:
+        """``value`` as this parameter's type, or a :class:`MagicEduError` naming it and its range."""
+        high = vocab_size if self.high == "vocab" else self.high
+        if self.kind is int:
+            return check_int(value, self.name, self.low, high)
+        value = check_float(value, self.name, self.low, high)
+        if self.low_open and value == self.low:
+            raise MagicEduError(f"{self.name} must be a number in ({self.low}, {high}]; got {value}")
+        return value
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """One decoder: ``name`` (as the library spells it), ``label`` (for people), its parameters,
+    and whether it scores candidates (degeneration penalty, CLIP), needs an image, samples."""
+
+    name: str
+    label: str
+    function: str  # the function in magic_edu.decoding that runs it to the end
+    params: tuple[Param, ...]
+    scores_candidates: bool = False
+    needs_image: bool = False
+    samples: bool = False
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise MagicEduError(f"{self.name} has no parameter {name!r}; its parameters: {', '.join(self.param_names)}")
+
+    def settings(self, given: Mapping[str, Any], preset: Mapping[str, Any] | None = None,
+                 vocab_size: int | None = None) -> tuple[dict[str, Any], list[str]]:
+        """(every parameter's checked value, the names taken from ``preset``). ``given`` holds the
+        caller's values (None = not given); a name that is not a parameter is an error."""
+        unknown = [n for n, v in given.items() if n not in self.param_names and v is not None]
+        if unknown:
+            raise MagicEduError(f"{unknown[0]}: {self.label} has no such parameter; "
+                                f"its parameters are {', '.join(self.param_names) or 'none'}")
+        out, from_preset = {}, []
+        for p in self.params:
+            value = given.get(p.name)
+            if value is None and p.from_preset and preset and preset.get(p.name) is not None:
+                value = preset[p.name]
+                from_preset.append(p.name)
+            value = p.default if value is None else value
+            out[p.name] = None if value is None else p.check(value, vocab_size)  # seed None: a fresh one
+        return out, from_preset
+
+
+# -- the parameters -------------------------------------------------------------------------
+K = Param("k", int, 5, 1, "vocab", "candidates per step: the k most probable next tokens", (1, 50, 1))
+ALPHA = Param("alpha", float, 0.6, 0.0, 1.0, "weight of the degeneration penalty", (0.0, 1.0, 0.05))
+BETA = Param("beta", float, 2.0, 0.0, None, "weight of the magic (CLIP) score", (0.0, 5.0, 0.1))
+P = Param("p", float, 0.95, 0.0, 1.0, "nucleus: the smallest set of tokens with this much probability",
+          (0.05, 1.0, 0.05), low_open=True)
+SEED = Param("seed", int, None, 0, 2**64 - 1, "sampling seed (none: a fresh random one)", from_preset=False)
+CLIP_TEXT_MAX_LEN = Param("clip_text_max_len", int, 60, 1, None,
+                          "CLIP sees at most this many of the last generated ids plus the candidate")
+
+DECODERS: dict[str, Decoder] = {d.name: d for d in (
+    Decoder("greedy", "greedy search", "greedy_search", ()),
+    Decoder("top_k", "top-k sampling", "top_k_sampling",
+            (replace(K, default=40, help="sample among the k most probable tokens", from_preset=False), SEED),
+            samples=True, aliases=("top-k",)),
+    Decoder("nucleus", "nucleus sampling", "nucleus_sampling", (P, SEED), samples=True, aliases=("top-p",)),
+    Decoder("contrastive", "contrastive search", "contrastive_search", (K, ALPHA), scores_candidates=True),
+    Decoder("magic", "MAGIC search", "magic_search",
+            (replace(K, default=45), replace(ALPHA, default=0.1), BETA, CLIP_TEXT_MAX_LEN),
+            scores_candidates=True, needs_image=True),
+)}
+
+# settings every decoder takes
+MAX_NEW_TOKENS = Param("max_new_tokens", int, 16, 1, None, "tokens to generate at most", (4, 64, 1))
+
+
+def get_decoder(name: str) -> Decoder:
+    """The decoder called ``name`` (or one of its aliases, e.g. ``top-k``)."""
+    if isinstance(name, str):
+        if name in DECODERS:
+            return DECODERS[name]
+        for d in DECODERS.values():
+            if name in d.aliases:
+                return d
+    raise MagicEduError(f"decoder must be one of {', '.join(DECODERS)}; got {name!r}")
+
+
+def candidate_decoders() -> tuple[str, ...]:
+    """The decoders whose trace scores candidates (degeneration penalty, CLIP score)."""
+    return tuple(d.name for d in DECODERS.values() if d.scores_candidates)
