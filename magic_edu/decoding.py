@@ -22,38 +22,96 @@ every step:
 Contrastive search is the same with beta = 0 (no CLIP); greedy search takes argmax p.
 :class:`Stepper` runs any decoder one token at a time, can go back, and can be forced
 to take another candidate ("what if?"); the decoder functions below just run it to the end.
+Each decoder is described once in :mod:`magic_edu.registry` (name, parameters, ranges).
+
+Memory grows linearly with the length: the keys and values and hidden states of every
+position live in one buffer per row that a step appends to and Back truncates (the state
+after step t is a prefix of the state after step t + 1), and the decoder functions, which
+never go back, keep nothing else.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
 
 from .errors import MagicEduError
-from .inputs import ImageLike, check_float, check_int
+from .inputs import ImageLike
 from .models import ImageTextMatcher, KeysValues, LanguageModel
+from .registry import MAX_NEW_TOKENS, get_decoder
 from .scoring import ClipScorer, degeneration_penalty, magic_score
 from .trace import Generation, StepRecord, Trace
 
-DECODERS = ("greedy", "top_k", "nucleus", "contrastive", "magic")
-CANDIDATE_DECODERS = ("contrastive", "magic")
 TRACE_TOP = 10  # candidates shown in a greedy / nucleus trace
-
 NAN = float("nan")
 
 
 @dataclass
-class _State:
-    """Everything a step needs; steps never modify a state, so Back just pops one."""
+class StepResult:
+    """What one step computed for every row: n candidates each, as (B, n) tensors or B lists.
 
-    cache: KeysValues  # the LM's keys and values of every position so far, batch B
-    logits: torch.Tensor  # (B, V): next-token logits
-    hidden: torch.Tensor  # (B, T, d): last-layer hidden states of every position so far, float64
-    generated: list[list[int]]  # ids generated so far, per row (rows keep going after EOS)
-    lengths: list[int | None]  # per row: number of ids in the output once it has ended
+    Every field of :class:`~magic_edu.trace.StepRecord` that a decoder does not compute is
+    filled all the same (NaN, -1, "" or an empty list), so recording is one plain copy.
+    """
+
+    token_ids: Any
+    lm_prob: Any
+    degeneration_penalty: Any
+    penalty_position: Any
+    clip_text: Any
+    clip_cosine: Any
+    clip_score: Any
+    score: Any
+    chosen: Any  # (B,): index into each row's candidates
+    chosen_similarity: Any  # per row: the chosen token's cosine to every earlier position (or empty)
+
+
+class _Context:
+    """The LM's keys and values and the last-layer hidden states (float64) of every position so
+    far, for B rows, in buffers with room to spare (doubled when full). A step appends one
+    position; going back truncates, which is exact because the context of step t is a prefix
+    of the context of step t + 1."""
+
+    def __init__(self, cache: KeysValues, hidden: torch.Tensor, room: int) -> None:
+        self.length = cache[0][0].shape[2]
+        self.keys = [_with_room(k, room, 2) for k, _ in cache]  # (B, heads, room, d_head) per layer
+        self.values = [_with_room(v, room, 2) for _, v in cache]
+        self.hidden = _with_room(hidden.double(), room, 1)  # (B, room, d)
+
+    def cache(self) -> KeysValues:
+        """The keys and values of the positions so far (views, no copy)."""
+        n = self.length
+        return [(k[:, :, :n], v[:, :, :n]) for k, v in zip(self.keys, self.values)]
+
+    def states(self) -> torch.Tensor:
+        """(B, T, d) float64 hidden states of the positions so far (a view)."""
+        return self.hidden[:, : self.length]
+
+    def append(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], hidden: torch.Tensor) -> None:
+        """Add one position: per layer (keys, values) of shape (B, heads, d_head), hidden (B, d)."""
+        n = self.length
+        if n == self.keys[0].shape[2]:  # full: twice the room (amortised, memory stays linear)
+            self.keys = [_with_room(k, 2 * n, 2) for k in self.keys]
+            self.values = [_with_room(v, 2 * n, 2) for v in self.values]
+            self.hidden = _with_room(self.hidden, 2 * n, 1)
+        for buf, (k, _) in zip(self.keys, kv):
+            buf[:, :, n] = k
+        for buf, (_, v) in zip(self.values, kv):
+            buf[:, :, n] = v
+        self.hidden[:, n] = hidden
+        self.length = n + 1
+
+
+@dataclass
+class _Undo:
+    """What Back restores besides truncating the context: the step's next-token logits,
+    which rows had ended, and the sampler's state."""
+
+    logits: torch.Tensor
+    lengths: list[int | None]
     rng_state: torch.Tensor | None
 
 
@@ -62,12 +120,15 @@ class Stepper:
 
     >>> s = Stepper(lm, "magic", clip=clip, image=img, k=45, alpha=0.1, beta=2.0)
     >>> record = s.step()                 # a StepRecord: every candidate and its scores
-    >>> s.step(force=record.token_ids[3])  # what if it had taken the 4th candidate?
     >>> s.back()                          # undo the last step
+    >>> s.step(force=record.token_ids[3])  # what if it had taken the 4th candidate?
     >>> s.generation().text
 
+    A decoder parameter left out (None) takes the model's preset setting (``lm.defaults``,
+    set by :func:`~magic_edu.presets.load_models`) where the registry says it applies, else
+    the registry's default; the trace's settings say which came from the preset.
     ``image`` may be a list: the rows then decode as one batch (MAGIC only), exactly as
-    one by one. Forcing is for a single row.
+    one by one. Forcing is for a single row. ``history=False`` keeps nothing for Back.
     """
 
     def __init__(
@@ -78,101 +139,103 @@ class Stepper:
         image: ImageLike | Sequence[ImageLike] | None = None,
         *,
         prompt: str | None = None,
-        k: int = 5,
-        alpha: float = 0.6,
-        beta: float = 2.0,
-        p: float = 0.95,
+        k: int | None = None,
+        alpha: float | None = None,
+        beta: float | None = None,
+        p: float | None = None,
         seed: int | None = None,
-        max_new_tokens: int = 16,
+        clip_text_max_len: int | None = None,
+        max_new_tokens: int | None = None,
         stop_at_eos: bool = True,
-        clip_text_max_len: int = 60,
         record: bool = True,
+        history: bool = True,
     ) -> None:
-        if decoder not in DECODERS:
-            raise MagicEduError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
-        self.lm, self.clip, self.decoder = lm, clip, decoder
-        self.k = check_int(k, "k", 1, lm.vocab_size)
-        self.alpha = check_float(alpha, "alpha", 0.0, 1.0)
-        self.beta = check_float(beta, "beta", 0.0)
-        self.p = check_float(p, "p", 0.0, 1.0)
-        if decoder == "nucleus" and self.p == 0.0:
-            raise MagicEduError("p must be a number in (0, 1] for nucleus sampling; got 0")
-        self.max_new_tokens = check_int(max_new_tokens, "max_new_tokens", 1)
-        self.clip_text_max_len = check_int(clip_text_max_len, "clip_text_max_len", 1)
-        self.stop_at_eos, self.record = bool(stop_at_eos), bool(record)
-        if seed is None:
-            seed = secrets.randbits(31)
-        self.seed = check_int(seed, "seed", 0)
+        self.spec = spec = get_decoder(decoder)
+        self.lm, self.clip, self.decoder = lm, clip, spec.name
+        preset = getattr(lm, "defaults", None) or {}
+        given = dict(k=k, alpha=alpha, beta=beta, p=p, seed=seed, clip_text_max_len=clip_text_max_len)
+        self.params, from_preset = spec.settings(given, preset, lm.vocab_size)
+        if spec.samples and self.params["seed"] is None:
+            self.params["seed"] = secrets.randbits(31)
+        self.stop_at_eos, self.record = _check_bool(stop_at_eos, "stop_at_eos"), _check_bool(record, "record")
+        self.history = _check_bool(history, "history")
 
         self.prefix = lm.prefix_ids(prompt)
-        if len(self.prefix) >= lm.context_length:
+        room = lm.context_length - len(self.prefix)
+        if room <= 0:
             raise MagicEduError(
                 f"prompt: its {len(self.prefix)} prefix ids leave no room in the model's context of "
                 f"{lm.context_length} tokens; shorten the prompt"
             )
-        if len(self.prefix) + self.max_new_tokens > lm.context_length:
+        if max_new_tokens is None and preset.get("max_new_tokens") is not None:
+            max_new_tokens = preset["max_new_tokens"]
+            from_preset.append("max_new_tokens")
+        if max_new_tokens is None and getattr(lm, "max_length", None):  # the budget counts the prompt
+            max_new_tokens = max(1, lm.max_length - len(self.prefix))
+        self.max_new_tokens = MAX_NEW_TOKENS.check(MAX_NEW_TOKENS.default if max_new_tokens is None
+                                                   else max_new_tokens)
+        if self.max_new_tokens > room:
             raise MagicEduError(
                 f"max_new_tokens: the prompt's {len(self.prefix)} prefix ids plus max_new_tokens="
                 f"{self.max_new_tokens} exceed the model's context of {lm.context_length} tokens; "
-                f"max_new_tokens may be at most {lm.context_length - len(self.prefix)}"
+                f"max_new_tokens may be at most {room}"
             )
 
         images: list[Any] = []
         self.scorer: ClipScorer | None = None
-        if decoder == "magic":
+        if spec.needs_image:
             if clip is None or image is None:
-                raise MagicEduError("magic search needs clip= (an ImageTextMatcher) and image=")
+                raise MagicEduError(f"{spec.label} needs clip= (an ImageTextMatcher) and image=")
             images = list(image) if isinstance(image, (list, tuple)) else [image]
             if not images:
                 raise MagicEduError("image: the list of images is empty")
+            # a Stepper that can go back encodes each step's CLIP texts afresh: exact either way, but
+            # reusing the previous step's prefix rounds differently, and Back must replay bit for bit
             self.scorer = ClipScorer(lm, clip, clip.embed_image(images).reshape(len(images), -1),
-                                     self.clip_text_max_len)
+                                     self.params["clip_text_max_len"], remember=None if not self.history else False)
         self.batch_size = max(1, len(images))
 
-        settings = {
-            "decoder": decoder, "prompt": prompt, "max_new_tokens": self.max_new_tokens,
-            "stop_at_eos": self.stop_at_eos, "lm": lm.name, "prefix_format": lm.prompt_format,
-        }
-        if decoder in CANDIDATE_DECODERS:
-            settings.update(k=self.k, alpha=self.alpha)
-        if decoder == "magic":
-            settings.update(beta=self.beta, clip=clip.name, logit_scale=clip.logit_scale,
-                            clip_text_max_len=self.clip_text_max_len)
-        if decoder == "top_k":
-            settings.update(k=self.k, seed=self.seed)
-        if decoder == "nucleus":
-            settings.update(p=self.p, seed=self.seed)
+        settings = {"decoder": spec.name, "prompt": prompt, "max_new_tokens": self.max_new_tokens,
+                    "stop_at_eos": self.stop_at_eos, "lm": lm.name, "prefix_format": lm.prompt_format,
+                    **self.params, "from_preset": from_preset}
+        if spec.needs_image:
+            settings.update(clip=clip.name, logit_scale=clip.logit_scale)
         prefix_tokens = [lm.token_text(i) for i in self.prefix]
         self.traces = [Trace(dict(settings), list(self.prefix), prefix_tokens) for _ in range(self.batch_size)]
-        self._history: list[_State] = []
-        self._state = self._start()
+        self._start()
+
+    def __getattr__(self, name: str) -> Any:  # s.k, s.alpha, ...: the decoder's settings
+        params = self.__dict__.get("params", {})
+        if name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- state ----------------------------------------------------------------------
-    def _start(self) -> _State:
+    def _start(self) -> None:
         ids = torch.tensor([self.prefix], device=self.lm.device)
         logits, hidden, cache = self.lm.forward(ids)
         b = self.batch_size
-        rng = None
-        if self.decoder in ("top_k", "nucleus"):
-            rng = torch.Generator().manual_seed(self.seed).get_state()
-        return _State(_repeat_rows(cache, b), logits[:, -1].expand(b, -1), hidden.double().expand(b, -1, -1),
-                      [[] for _ in range(b)], [None] * b, rng)
+        room = len(self.prefix) + min(self.max_new_tokens, 64)  # doubled when a decode needs more
+        self._ctx = _Context(_repeat_rows(cache, b), hidden.expand(b, -1, -1), room)
+        self._logits = logits[:, -1].expand(b, -1)  # (B, V): next-token logits
+        self._generated: list[list[int]] = [[] for _ in range(b)]  # rows keep going after EOS
+        self._lengths: list[int | None] = [None] * b  # per row: its output's length once it has ended
+        self._rng_state = torch.Generator().manual_seed(self.seed).get_state() if self.spec.samples else None
+        self._undo: list[_Undo] = []
 
     @property
     def step_index(self) -> int:
         """Number of tokens generated so far."""
-        return len(self._state.generated[0])
+        return len(self._generated[0])
 
     @property
     def done(self) -> bool:
-        s = self._state
-        return all(n is not None for n in s.lengths) or self.step_index >= self.max_new_tokens
+        return all(n is not None for n in self._lengths) or self.step_index >= self.max_new_tokens
 
     def token_ids(self, row: int = 0) -> list[int]:
         """The ids generated so far by one row (up to and including EOS)."""
-        s = self._state
-        n = s.lengths[row]
-        return list(s.generated[row][: n if n is not None else len(s.generated[row])])
+        n = self._lengths[row]
+        return list(self._generated[row][:n])
 
     def text(self, row: int = 0) -> str:
         """The output text so far (the reference's parser applied)."""
@@ -186,16 +249,22 @@ class Stepper:
 
     def back(self) -> None:
         """Undo the last step (its record leaves the trace too)."""
-        if not self._history:
+        if not self.history:
+            raise MagicEduError("back(): this Stepper keeps no history (history=False)")
+        if not self._undo:
             raise MagicEduError("back(): nothing to undo, the decode is at its first step")
-        self._state = self._history.pop()
+        undo = self._undo.pop()
+        self._logits, self._lengths, self._rng_state = undo.logits, undo.lengths, undo.rng_state
+        self._ctx.length -= 1
+        for ids in self._generated:
+            ids.pop()
         for trace in self.traces:
             while trace.steps and trace.steps[-1].step >= self.step_index:
                 trace.steps.pop()
 
     def reset(self) -> None:
         """Back to the first step."""
-        while self._history:
+        while self._undo:
             self.back()
 
     def run(self) -> list[Generation]:
@@ -206,74 +275,83 @@ class Stepper:
 
     # -- one step -------------------------------------------------------------------
     def step(self, force: int | None = None) -> StepRecord | None:
-        """Generate one token per row and return row 0's record (None if not recording).
+        """Generate one token per row and return row 0's record (None if not recording or
+        row 0 had already ended).
 
         ``force``: a token id among this step's candidates, taken instead of the decoder's choice.
         """
         if self.done:
             raise MagicEduError("step(): the decode has ended; use back() or reset() to go on")
-        if force is not None and self.batch_size > 1:
-            raise MagicEduError("force: forcing a token works on one image at a time, not a batch")
-        s = self._state
-        probs = torch.softmax(s.logits.double(), dim=-1)  # p(v|x) over the whole vocabulary
-        if self.decoder in CANDIDATE_DECODERS:
-            new, parts = self._candidate_step(s, probs, force)
+        if force is not None:
+            if self.batch_size > 1:
+                raise MagicEduError("force: forcing a token works on one image at a time, not a batch")
+            if isinstance(force, bool) or not isinstance(force, int):
+                raise MagicEduError(f"force must be a token id (an int) among this step's candidates; got {force!r}")
+        probs = torch.softmax(self._logits.double(), dim=-1)  # p(v|x) over the whole vocabulary
+        before = _Undo(self._logits, list(self._lengths), self._rng_state)
+        text_before = [self.lm.output_text(ids) for ids in self._generated] if self.record else []
+        if self.spec.scores_candidates:
+            result = self._candidate_step(probs, force)
         else:
-            new, parts = self._token_step(s, probs, force)
-        self._history.append(s)
-        self._state = new
-        if self.record:
-            self._record(s, new, parts, force is not None)
-            return self.traces[0].steps[-1] if self.traces[0].steps else None
-        return None
+            result = self._token_step(probs, force)
+        if self.history:
+            self._undo.append(before)
+        chosen = [int(ids[c]) for ids, c in zip(_rows(result.token_ids), _rows(result.chosen))]
+        for row, c in enumerate(chosen):
+            self._generated[row].append(c)
+            if self._lengths[row] is None and self.stop_at_eos and c == self.lm.eos_token_id:
+                self._lengths[row] = len(self._generated[row])
+        if not self.record:
+            return None
+        return self._record(result, before.lengths, text_before, force is not None)
 
-    def _candidate_step(self, s: _State, probs: torch.Tensor, force: int | None) -> tuple[_State, dict]:
+    def _candidate_step(self, probs: torch.Tensor, force: int | None) -> StepResult:
         """Contrastive / MAGIC search: score the top-k candidates, take the best."""
-        b, k = self.batch_size, self.k
+        b, k, t = self.batch_size, self.k, self._ctx.length
         lm_prob, candidates = probs.topk(k, dim=-1)  # (B, k), most probable first
         # the candidates' ids reach the host before the LM forward is queued, so on a GPU the
         # CLIP texts are built and tokenised on the CPU while the GPU runs the LM
         candidate_ids = candidates.tolist() if self.scorer is not None else None
-        hidden_k, cache_k = self.lm.forward_candidates(candidates.to(self.lm.device), s.cache)  # (B, k, d)
-        penalty, position, cosines = degeneration_penalty(hidden_k.double(), s.hidden)
+        hidden_k, cache_k = self.lm.forward_candidates(candidates.to(self.lm.device), self._ctx.cache())  # (B, k, d)
+        penalty, position, cosines = degeneration_penalty(hidden_k.double(), self._ctx.states())
         if self.scorer is not None:
-            clip_texts, clip_cosine, clip_score = self.scorer(s.generated, candidate_ids)
+            clip_text, clip_cosine, clip_score = self.scorer(self._generated, candidate_ids)
             clip_cosine, clip_score = clip_cosine.to(lm_prob.device), clip_score.to(lm_prob.device)
-        else:
-            clip_texts, clip_cosine, clip_score = None, None, torch.zeros_like(lm_prob)
-        score = magic_score(lm_prob, penalty, clip_score, self.alpha, self.beta)
+            score = magic_score(lm_prob, penalty, clip_score, self.alpha, self.beta)
+        else:  # contrastive search: beta = 0
+            clip_text, clip_cosine = [[""] * k for _ in range(b)], torch.full_like(lm_prob, NAN)
+            clip_score = clip_cosine
+            score = magic_score(lm_prob, penalty, torch.zeros_like(lm_prob), self.alpha, 0.0)
         chosen = score.argmax(dim=-1)  # the first maximum: ties go to the more probable
         if force is not None:
             chosen[0] = _index_of(force, candidates[0])
-        chosen_lm = chosen.to(hidden_k.device)
-        chosen_hidden = hidden_k[torch.arange(b, device=chosen_lm.device), chosen_lm]  # (B, d)
-        new = self._advance(
-            s, candidates.gather(1, chosen[:, None])[:, 0].tolist(),
-            _keep_candidate(cache_k, s.hidden.shape[1], chosen_lm), self.lm.logits(chosen_hidden),
-            chosen_hidden[:, None], s.rng_state,
-        )
-        parts = dict(ids=candidates, lm_prob=lm_prob, penalty=penalty, position=position, clip_texts=clip_texts,
-                     clip_cosine=clip_cosine, clip_score=clip_score if self.scorer is not None else None,
-                     score=score, chosen=chosen, chosen_similarity=cosines[torch.arange(b), chosen])
-        return new, parts
+        rows, at = torch.arange(b, device=hidden_k.device), chosen.to(hidden_k.device)
+        chosen_hidden = hidden_k[rows, at]  # (B, d)
+        # the chosen candidate's keys and values sit at position t + its index in the candidates' forward
+        self._ctx.append([(key[rows, :, t + at], value[rows, :, t + at]) for key, value in cache_k],
+                         chosen_hidden.double())
+        self._logits = self.lm.logits(chosen_hidden)
+        return StepResult(candidates, lm_prob, penalty, position, clip_text, clip_cosine, clip_score, score, chosen,
+                          cosines[torch.arange(b), chosen])
 
-    def _token_step(self, s: _State, probs: torch.Tensor, force: int | None) -> tuple[_State, dict]:
+    def _token_step(self, probs: torch.Tensor, force: int | None) -> StepResult:
         """Greedy search and sampling: pick one token from p, then one forward of it."""
         shown_k = self.k if self.decoder == "top_k" else min(TRACE_TOP, probs.shape[-1])
         shown_p, shown = probs.topk(shown_k, dim=-1)
-        rng_state = s.rng_state
         if force is not None:
             _index_of(force, shown[0])
             chosen_ids = torch.tensor([force])
-        elif self.decoder == "greedy":
+        elif not self.spec.samples:
             chosen_ids = shown[:, 0]
         else:
             gen = torch.Generator().manual_seed(0)
-            gen.set_state(s.rng_state)
-            chosen_ids = _sample(probs.cpu(), self.decoder, self.k, self.p, gen)
-            rng_state = gen.get_state()
-        logits, hidden, cache = self.lm.forward(chosen_ids[:, None].to(self.lm.device), cache=s.cache)
-        new = self._advance(s, chosen_ids.tolist(), cache, logits[:, -1], hidden, rng_state)
+            gen.set_state(self._rng_state)
+            chosen_ids = _sample(probs.cpu(), self.decoder, self.params, gen)
+            self._rng_state = gen.get_state()
+        t = self._ctx.length
+        logits, hidden, cache = self.lm.forward(chosen_ids[:, None].to(self.lm.device), cache=self._ctx.cache())
+        self._ctx.append([(key[:, :, t], value[:, :, t]) for key, value in cache], hidden[:, -1].double())
+        self._logits = logits[:, -1]
         # the trace shows the most probable tokens, plus the sampled one where it is not among them
         ids, lm_prob, chosen = [], [], []
         for row in range(self.batch_size):
@@ -285,121 +363,102 @@ class Stepper:
             ids.append(r_ids)
             lm_prob.append(r_p)
             chosen.append(r_ids.index(c))
-        parts = dict(ids=ids, lm_prob=lm_prob, penalty=None, position=None, clip_texts=None, clip_cosine=None,
-                     clip_score=None, score=lm_prob, chosen=chosen, chosen_similarity=None)
-        return new, parts
+        return StepResult(ids, lm_prob, [[NAN] * len(r) for r in ids], [[-1] * len(r) for r in ids],
+                          [[""] * len(r) for r in ids], [[NAN] * len(r) for r in ids],
+                          [[NAN] * len(r) for r in ids], lm_prob, chosen, [[] for _ in ids])
 
-    def _advance(self, s: _State, chosen: list[int], cache: KeysValues, logits: torch.Tensor, hidden: torch.Tensor,
-                 rng_state: torch.Tensor | None) -> _State:
-        generated = [g + [c] for g, c in zip(s.generated, chosen)]
-        lengths = list(s.lengths)
-        for row, c in enumerate(chosen):
-            if lengths[row] is None and self.stop_at_eos and c == self.lm.eos_token_id:
-                lengths[row] = len(generated[row])
-        return _State(cache, logits, torch.cat([s.hidden, hidden.double()], dim=1), generated, lengths,
-                      rng_state)
-
-    def _record(self, s: _State, new: _State, parts: dict, forced: bool) -> None:
-        step = len(s.generated[0])
+    def _record(self, result: StepResult, lengths: list[int | None], texts: list[str], forced: bool
+                ) -> StepRecord | None:
+        step = self.step_index - 1
         # one device-to-host copy per field, not per row and field
-        parts = {key: value.tolist() if isinstance(value, torch.Tensor) else value for key, value in parts.items()}
+        columns = {f.name: _rows(getattr(result, f.name)) for f in fields(result)}
+        first = None
         for row, trace in enumerate(self.traces):
-            if s.lengths[row] is not None:  # this row had already ended
+            if lengths[row] is not None:  # this row had already ended
                 continue
-            ids = [int(i) for i in parts["ids"][row]]
-            n = len(ids)
-            nan, blank = [NAN] * n, [""] * n
-            lm_prob = _floats(parts["lm_prob"][row])
-            trace.steps.append(StepRecord(
-                step=step,
-                text=self.lm.output_text(s.generated[row]),
-                token_ids=ids,
-                tokens=self.lm.token_texts(ids),
-                lm_prob=lm_prob,
-                degeneration_penalty=_floats(parts["penalty"][row]) if parts["penalty"] is not None else nan,
-                penalty_position=[int(j) for j in parts["position"][row]]
-                if parts["position"] is not None else [-1] * n,
-                clip_text=list(parts["clip_texts"][row]) if parts["clip_texts"] is not None else blank,
-                clip_cosine=_floats(parts["clip_cosine"][row]) if parts["clip_cosine"] is not None else nan,
-                clip_score=_floats(parts["clip_score"][row]) if parts["clip_score"] is not None else nan,
-                score=_floats(parts["score"][row]),
-                chosen=int(parts["chosen"][row]),
-                forced=forced,
-                chosen_similarity=_floats(parts["chosen_similarity"][row])
-                if parts["chosen_similarity"] is not None else [],
-            ))
+            values = {name: column[row] for name, column in columns.items()}
+            record = StepRecord(step=step, text=texts[row], tokens=self.lm.token_texts(values["token_ids"]),
+                                forced=forced, **values)
+            trace.steps.append(record)
+            if row == 0:
+                first = record
+        return first
 
 
 # -- the decoders ------------------------------------------------------------------------
+# Settings left as None take the model's preset settings, else magic_edu.registry's defaults.
 def greedy_search(
-    lm: LanguageModel, *, prompt: str | None = None, max_new_tokens: int = 16, stop_at_eos: bool = True,
+    lm: LanguageModel, *, prompt: str | None = None, max_new_tokens: int | None = None, stop_at_eos: bool = True,
     record: bool = True,
 ) -> Generation:
     """Take argmax_v p(v|x) at every step."""
     return Stepper(lm, "greedy", prompt=prompt, max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos,
-                   record=record).run()[0]
+                   record=record, history=False).run()[0]
 
 
 def top_k_sampling(
-    lm: LanguageModel, *, k: int = 40, seed: int | None = None, prompt: str | None = None,
-    max_new_tokens: int = 16, stop_at_eos: bool = True, record: bool = True,
+    lm: LanguageModel, *, k: int | None = None, seed: int | None = None, prompt: str | None = None,
+    max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
 ) -> Generation:
-    """Sample from p renormalised over its k most probable tokens (Fan et al. 2018).
+    """Sample from p renormalised over its k (default 40) most probable tokens (Fan et al. 2018).
     The same ``seed`` gives the same text."""
     return Stepper(lm, "top_k", k=k, seed=seed, prompt=prompt, max_new_tokens=max_new_tokens,
-                   stop_at_eos=stop_at_eos, record=record).run()[0]
+                   stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
 
 
 def nucleus_sampling(
-    lm: LanguageModel, *, p: float = 0.95, seed: int | None = None, prompt: str | None = None,
-    max_new_tokens: int = 16, stop_at_eos: bool = True, record: bool = True,
+    lm: LanguageModel, *, p: float | None = None, seed: int | None = None, prompt: str | None = None,
+    max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
 ) -> Generation:
     """Sample from the smallest set of most probable tokens whose probabilities sum to at
-    least ``p``, renormalised (Holtzman et al. 2020); pure nucleus, no top-k cut."""
+    least ``p`` (default 0.95), renormalised (Holtzman et al. 2020); pure nucleus, no top-k cut."""
     return Stepper(lm, "nucleus", p=p, seed=seed, prompt=prompt, max_new_tokens=max_new_tokens,
-                   stop_at_eos=stop_at_eos, record=record).run()[0]
+                   stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
 
 
 def contrastive_search(
-    lm: LanguageModel, *, k: int = 5, alpha: float = 0.6, prompt: str | None = None, max_new_tokens: int = 16,
-    stop_at_eos: bool = True, record: bool = True,
+    lm: LanguageModel, *, k: int | None = None, alpha: float | None = None, prompt: str | None = None,
+    max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
 ) -> Generation:
-    """argmax over the top-k of (1 - alpha) p(v|x) - alpha max_j cos(h_v, h_j) (Su et al. 2022, SimCTG)."""
+    """argmax over the top-k of (1 - alpha) p(v|x) - alpha max_j cos(h_v, h_j) (Su et al. 2022, SimCTG);
+    k = 5 and alpha = 0.6 unless the model's preset says otherwise."""
     return Stepper(lm, "contrastive", k=k, alpha=alpha, prompt=prompt, max_new_tokens=max_new_tokens,
-                   stop_at_eos=stop_at_eos, record=record).run()[0]
+                   stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
 
 
 def magic_search(
-    lm: LanguageModel, clip: ImageTextMatcher, image: ImageLike | Sequence[ImageLike], *, k: int = 45,
-    alpha: float = 0.1, beta: float = 2.0, clip_text_max_len: int = 60, prompt: str | None = None,
-    max_new_tokens: int = 16, stop_at_eos: bool = True, record: bool = True,
+    lm: LanguageModel, clip: ImageTextMatcher, image: ImageLike | Sequence[ImageLike], *, k: int | None = None,
+    alpha: float | None = None, beta: float | None = None, clip_text_max_len: int | None = None,
+    prompt: str | None = None, max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
 ) -> Generation | list[Generation]:
     """MAGIC search (see the module docstring for every detail): argmax over the top-k of
     (1 - alpha) p(v|x) - alpha max_j cos(h_v, h_j) + beta softmax_k(logit_scale cos(I, t_v)).
+    Settings: the model's preset's (``load_models``), else the paper's MSCOCO ones (k = 45,
+    alpha = 0.1, beta = 2.0), ``clip_text_max_len`` 60.
 
     A list of images decodes as one batch and returns one Generation each.
     """
     gens = Stepper(lm, "magic", clip=clip, image=image, k=k, alpha=alpha, beta=beta,
                    clip_text_max_len=clip_text_max_len, prompt=prompt, max_new_tokens=max_new_tokens,
-                   stop_at_eos=stop_at_eos, record=record).run()
+                   stop_at_eos=stop_at_eos, record=record, history=False).run()
     return gens if isinstance(image, (list, tuple)) else gens[0]
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _sample(probs: torch.Tensor, decoder: str, k: int, p: float, gen: torch.Generator) -> torch.Tensor:
+def _sample(probs: torch.Tensor, decoder: str, params: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
     """One token per row from top-k or nucleus-filtered probabilities."""
     sorted_p, order = probs.sort(dim=-1, descending=True)
     if decoder == "top_k":
-        keep = torch.arange(sorted_p.shape[-1]) < k
+        keep = torch.arange(sorted_p.shape[-1]) < params["k"]
     else:  # nucleus: keep a token while the mass before it is still below p
-        keep = (sorted_p.cumsum(dim=-1) - sorted_p) < p
+        keep = (sorted_p.cumsum(dim=-1) - sorted_p) < params["p"]
     filtered = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
     picked = torch.multinomial(filtered / filtered.sum(dim=-1, keepdim=True), 1, generator=gen)
     return order.gather(1, picked)[:, 0]
 
 
 def _index_of(token_id: int, candidates: torch.Tensor) -> int:
-    hits = (candidates == int(token_id)).nonzero()
+    hits = (candidates == token_id).nonzero()
     if len(hits) == 0:
         raise MagicEduError(f"force: token {token_id} is not among this step's candidates {candidates.tolist()}")
     return int(hits[0, 0])
@@ -410,20 +469,21 @@ def _repeat_rows(cache: KeysValues, n: int) -> KeysValues:
     return [(key.repeat_interleave(n, 0), value.repeat_interleave(n, 0)) for key, value in cache]
 
 
-def _keep_candidate(cache: KeysValues, past: int, chosen: torch.Tensor) -> KeysValues:
-    """From the keys and values of ``LanguageModel.forward_candidates`` (``past`` positions, then
-    the k candidates), new tensors of the ``past`` positions plus each row's chosen candidate
-    (new, so that a state kept for Back holds no room for k candidates)."""
-    if len(chosen) == 1:  # one row: plain indexing, cheaper than gathering
-        rows, at = slice(None), past + int(chosen[0])
-    else:
-        rows, at = torch.arange(len(chosen), device=chosen.device), past + chosen
-
-    def with_chosen(t: torch.Tensor) -> torch.Tensor:  # t[rows, :, at] is (B, heads, d_head) either way
-        return torch.cat([t[:, :, :past], t[rows, :, at][:, :, None]], dim=2)
-
-    return [(with_chosen(key), with_chosen(value)) for key, value in cache]
+def _with_room(t: torch.Tensor, room: int, dim: int) -> torch.Tensor:
+    """A new tensor with t's values first along ``dim`` and room for ``room`` positions there."""
+    shape = list(t.shape)
+    shape[dim] = max(room, t.shape[dim])
+    out = t.new_empty(shape)
+    out.narrow(dim, 0, t.shape[dim]).copy_(t)
+    return out
 
 
-def _floats(xs: Any) -> list[float]:
-    return [float(x) for x in (xs if isinstance(xs, list) else [xs])]
+def _rows(x: Any) -> list:
+    """A (B, ...) tensor or a list of B rows as a list of B rows (one device-to-host copy)."""
+    return x.tolist() if isinstance(x, torch.Tensor) else x
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise MagicEduError(f"{name} must be True or False; got {value!r}")
+    return value

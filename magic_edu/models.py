@@ -10,24 +10,20 @@ Decoding code only talks to these two classes, never to one checkpoint.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from .fast.clip_prefix import PrefixMemo, SharedPrefixEncoder
 from .fast.clip_tokens import ClipTokenizer
 from .errors import MagicEduError
 from .inputs import ImageLike, load_image
 
 DEFAULT_PROMPT_FORMAT = "{sos}{prompt}"
 STORY_PROMPT_FORMAT = "{prompt} {eos}"
-# On a GPU, encode the candidates' shared CLIP prefix once only when that saves at least this many
-# token positions of text-tower work (below it the extra kernel launches cost more; an estimate
-# from the H200's float32 throughput and launch cost, to be checked with scripts/gpu_check.sh).
-SHARE_ON_GPU_SAVED_TOKENS = 4096
-
-
+# the LM's keys and values: one (keys, values) pair per layer, each (B, heads, T, d_head)
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
 class LanguageModel:
     """A causal LM plus what MAGIC needs to know about it.
 
@@ -38,6 +34,10 @@ class LanguageModel:
       ``"{prompt} {eos}"`` (a title, a space, EOS, and no start token).
     * ``max_sentences``: if set, :meth:`output_text` keeps at most that many
       '.'-separated sentences (the paper's story parser keeps five).
+    * ``defaults``: decoding settings the decoders use when the caller gives none (k, alpha,
+      beta, max_new_tokens; :func:`~magic_edu.presets.load_models` sets the preset's);
+      ``max_length``: a length budget counting the prompt (the paper's story setting), used
+      for ``max_new_tokens`` when neither the caller nor ``defaults`` give it.
     """
 
     def __init__(
@@ -54,6 +54,8 @@ class LanguageModel:
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.prompt_format = prompt_format
         self.max_sentences = max_sentences
+        self.defaults: dict[str, Any] = {}
+        self.max_length: int | None = None
 
         self.sos_token = sos_token if sos_token is not None else tokenizer.bos_token
         self.sos_token_id = self._token_id(self.sos_token, "sos_token") if self.sos_token is not None else None
@@ -74,8 +76,6 @@ class LanguageModel:
         self._keeps_logits = "logits_to_keep" in params
         self._only_itself: dict[tuple, torch.Tensor] = {}  # forward_candidates' masks, by (k, dtype, device)
         self._token_text_cache: dict[int, str] = {}
-        self._decoder_kind = decoder_kind(tokenizer)
-        self._piece_cache: dict[int, str] = {}
 
     def _token_id(self, token: str, name: str) -> int:
         ids = self.tokenizer.convert_tokens_to_ids([token])
@@ -182,45 +182,6 @@ class LanguageModel:
         """:meth:`clip_text` of many id lists in one tokenizer call."""
         return [t.split(self.eos_token, 1)[0] for t in self.decode_batch(batch)]
 
-    def clip_texts_extended(self, batch: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]]
-                            ) -> list[list[str]]:
-        """``clip_texts([ids + [v] for v in row])`` for each ``ids`` in ``batch`` and its ``row``
-        of candidates, decoding each ``ids`` once and appending each candidate's own text.
-
-        Exact for the two decoders the GPT-2 family uses. A byte-level BPE (GPT-2's) decodes a
-        sequence as the UTF-8 text of its tokens' bytes, so when the bytes of ``ids`` end at a
-        character boundary (no U+FFFD in their text) the text of ``ids + [v]`` is that text
-        followed by v's. A WordPiece decoder turns each token into its own piece (a space before
-        every token but the first, none before a ``##`` piece, then its clean-up), and a fast
-        tokenizer without a decoder joins tokens with spaces, so there the text of ``ids + [v]``
-        is that text followed by v's piece. Other decoders, and texts with U+FFFD, are decoded in
-        full (all rows in one call).
-        """
-        out: list[list[str] | None] = [None] * len(batch)
-        if self._decoder_kind is not None:
-            eos = self.eos_token
-            for i, (base, row) in enumerate(zip(self.decode_batch(batch), candidates)):
-                if self._decoder_kind == "bytes" and "\ufffd" not in base:
-                    out[i] = [(base + piece).split(eos, 1)[0] for piece in self.token_texts(row)]
-                elif self._decoder_kind == "pieces":
-                    pieces = self._following_pieces(row) if batch[i] else self.token_texts(row)
-                    out[i] = [(base + piece).split(eos, 1)[0] for piece in pieces]
-        todo = [i for i, texts in enumerate(out) if texts is None]
-        if todo:
-            whole = self.clip_texts([list(batch[i]) + [int(v)] for i in todo for v in candidates[i]])
-            for i in todo:
-                out[i], whole = whole[: len(candidates[i])], whole[len(candidates[i]):]
-        return out  # type: ignore[return-value]
-
-    def _following_pieces(self, token_ids: Sequence[int]) -> list[str]:
-        """For a WordPiece decoder: the text each token adds after at least one other token."""
-        missing = [i for i in dict.fromkeys(int(t) for t in token_ids) if i not in self._piece_cache]
-        if missing:
-            lead = self.decode([self.eos_token_id])
-            texts = self.decode_batch([[self.eos_token_id, i] for i in missing])
-            self._piece_cache.update((i, text[len(lead):]) for i, text in zip(missing, texts))
-        return [self._piece_cache[int(t)] for t in token_ids]
-
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         """``decode`` of many id lists in one tokenizer call (nothing cut)."""
         batch = [list(ids) for ids in batch]
@@ -288,26 +249,9 @@ class LanguageModel:
         return (out.logits if logits else None), out.hidden_states[-1], [(key, value) for key, value, *_ in new_cache]
 
 
-KeysValues = list  # the LM's keys and values: one (keys, values) pair per layer, each (B, heads, T, d_head)
-
-
 def cache_length(cache: KeysValues | None) -> int:
     """The number of positions in ``cache``."""
     return int(cache[0][0].shape[2]) if cache else 0
-
-
-def decoder_kind(tokenizer: Any) -> str | None:
-    """How a tokenizer turns ids into text, for :meth:`LanguageModel.clip_texts_extended`:
-    ``"bytes"`` (a fast tokenizer with a byte-level decoder: the UTF-8 text of the tokens' bytes),
-    ``"pieces"`` (a fast tokenizer whose tokens each become their own piece: a WordPiece decoder,
-    or no decoder, which joins tokens with spaces), or None (anything else: decode in full)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:  # a slow (Python) tokenizer: no promise about how it decodes
-        return None
-    decoder = backend.decoder
-    if decoder is None:
-        return "pieces"
-    return {"ByteLevel": "bytes", "WordPiece": "pieces"}.get(type(decoder).__name__)
 
 
 def keep_sentences(text: str, n: int) -> str:
@@ -333,11 +277,17 @@ class ImageTextMatcher:
         self.tokenizer = tokenizer
         self.name = name or type(model).__name__
         self.logit_scale = float(model.logit_scale.exp().item())
-        self._tower = _causal_text_tower(model)
-        self._blocks = _plain_blocks(self._tower) if self._tower is not None else None
+        # the exact shortcuts of magic_edu.fast, on by default; off, texts go through open_clip's
+        # encode_text (trimmed to the longest text) and every step starts afresh
+        self.share_prefix = True  # encode the texts' shared token prefix once, the rest packed
+        self.remember_prefixes = True  # and reuse a prefix's keys and values across calls (MAGIC steps)
+        self._encoder = SharedPrefixEncoder(model)
         self._clip_tokenizer = ClipTokenizer(tokenizer)
-        self.remember_prefixes = True  # reuse the text tower's work on a prefix across calls (MAGIC steps)
-        self.prefix_memo = PrefixMemo()
+
+    @property
+    def prefix_memo(self) -> PrefixMemo:
+        """The remembered prefixes' keys and values (``clear()`` forgets them)."""
+        return self._encoder.memo
 
     @classmethod
     def from_pretrained(
@@ -375,7 +325,7 @@ class ImageTextMatcher:
 
     def _token_ids(self, texts: Sequence[str]) -> torch.Tensor:
         """:meth:`tokenize` on the CPU."""
-        return self._clip_tokenizer(texts, trim=self._tower is not None)
+        return self._clip_tokenizer(texts, trim=self._encoder.tower is not None)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -383,47 +333,26 @@ class ImageTextMatcher:
         return self.embed_text_groups([texts])[0]
 
     @torch.no_grad()
-    def embed_text_groups(self, groups: Sequence[Sequence[str]]) -> torch.Tensor:
+    def embed_text_groups(self, groups: Sequence[Sequence[str]], remember: bool | None = None) -> torch.Tensor:
         """L2-normalised embeddings of G groups of n texts each: (G, n, d).
 
-        MAGIC's k candidate texts at one step share a long token prefix (the caption so far).
-        CLIP's text tower is causal, so that prefix is encoded once per group (and only its new
-        tokens when an earlier call, the previous step, encoded its beginning: ``prefix_memo``),
-        and each text runs only its own few last tokens on top of it, all of a group's packed in
-        one sequence: exact, and several times cheaper. (On a GPU, only for large calls.)
+        A group's texts may share a long token prefix (MAGIC's k candidates at one step: the
+        caption so far); with ``share_prefix`` on, it is encoded once per group
+        (:mod:`magic_edu.fast.clip_prefix`), exactly. ``remember`` (default
+        ``remember_prefixes``): reuse prefixes encoded by the previous calls; exact, but the
+        rounding depends on which calls came before.
         """
         sizes = {len(g) for g in groups}
         if len(sizes) != 1 or 0 in sizes:
             raise MagicEduError("groups: every group must hold the same number (>= 1) of texts")
         n = sizes.pop()
-        ids = self._token_ids([t for g in groups for t in g])
-        return self._encode_ids(ids.view(len(groups), n, -1))
-
-    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """The text tower's forward on token ids (G, n, L) on the CPU: normalised (G, n, d).
-
-        The packing is planned on the CPU (no device round trip); sharing the prefix saves
-        arithmetic (what bounds a CPU, and a GPU on large batches) but adds kernel launches (what
-        bounds a GPU on small ones): on a GPU it is used when it saves enough token positions.
-        """
-        g, n, length = ids.shape
-        device, full = self.device, g * n * length  # full: token positions of every row encoded in full
-        gpu = device.type != "cpu"
-        memo = self.prefix_memo if self.remember_prefixes else None
-        packed = None
-        if self._blocks is not None and (not gpu or full >= SHARE_ON_GPU_SAVED_TOKENS):
-            if memo is not None:
-                memo.check_weights(self._tower)
-            packed = _pack_rows(ids, memo)
-            if gpu and full - packed.positions < SHARE_ON_GPU_SAVED_TOKENS:
-                packed = None
-        if self._tower is None:
-            emb = self.model.encode_text(ids.view(g * n, length).to(device))
-        elif packed is None:
-            emb = _encode_text_trimmed(self._tower, ids.view(g * n, length).to(device))
+        ids = self._token_ids([t for g in groups for t in g]).view(len(groups), n, -1)
+        if self._encoder.tower is None:  # a text tower of another kind: open_clip's own encoder
+            emb = self.model.encode_text(ids.flatten(0, 1).to(self.device))
         else:
-            emb = _encode_packed(self._tower, self._blocks, packed.to(device), memo)
-        return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(g, n, -1)
+            remember = self.remember_prefixes if remember is None else remember
+            emb = self._encoder(ids, self.device, self.share_prefix, remember)
+        return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(len(groups), n, -1)
 
     def text_cosines(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """cos(image, text) for every text: (n,) for one image embedding (d,)."""
@@ -432,209 +361,3 @@ class ImageTextMatcher:
     def text_scores(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
         """softmax over the texts of logit_scale x cos(image, text)."""
         return torch.softmax(self.logit_scale * self.text_cosines(image_embedding, texts), dim=-1)
-
-
-def _causal_text_tower(model: torch.nn.Module) -> Any:
-    """The module holding open_clip's causal text transformer, or None when the text tower
-    is of another kind (then texts are encoded at full context length, which is always exact)."""
-    tower = getattr(model, "text", model)
-    pool = getattr(tower, "text_pool_type", getattr(tower, "pool_type", None))
-    needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
-    if not all(hasattr(tower, a) for a in needed) or getattr(tower, "attn_mask", None) is None:
-        return None
-    if pool != "argmax" or getattr(tower, "cls_emb", None) is not None:
-        return None
-    return tower
-
-
-def _encode_text_trimmed(tower: Any, ids: torch.Tensor) -> torch.Tensor:
-    """open_clip's text encoder on ids of any length L <= context length (causal mask cut to L x L)."""
-    n = ids.shape[1]
-    cast_dtype = tower.transformer.get_cast_dtype()
-    x = tower.token_embedding(ids).to(cast_dtype) + tower.positional_embedding[:n].to(cast_dtype)
-    x = tower.transformer(x, attn_mask=tower.attn_mask[:n, :n])
-    x = tower.ln_final(x)
-    x = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
-    return _project(tower, x)
-
-
-def _project(tower: Any, x: torch.Tensor) -> torch.Tensor:
-    """The text tower's final projection of the pooled end-of-text states."""
-    proj = tower.text_projection
-    if proj is None:
-        return x
-    return proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-
-
-def _plain_blocks(tower: Any) -> list[Any] | None:
-    """The text tower's residual blocks if all are open_clip's plain pre-norm blocks with
-    nn.MultiheadAttention (every CLIP text tower), else None (then no prefix sharing)."""
-    transformer = tower.transformer
-    blocks = list(getattr(transformer, "resblocks", []))
-    plain = blocks and getattr(transformer, "batch_first", False) and all(
-        isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention) and not hasattr(b, "ln_1_kv")
-        and b.attn._qkv_same_embed_dim and b.attn.in_proj_bias is not None for b in blocks
-    )
-    return blocks if plain else None
-
-
-def _attend(block: Any, x: torch.Tensor, past: tuple[torch.Tensor, torch.Tensor] | None, mask: torch.Tensor):
-    """One open_clip residual block on x (B, S, d), attending to ``past`` keys/values
-    (B, h, P, d_h) before it. Returns (new x, this block's keys and values of x)."""
-    attn = block.attn
-    b, s, d = x.shape
-    h = attn.num_heads
-    q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-    q, k, v = (t.view(b, s, h, d // h).transpose(1, 2) for t in (q, k, v))
-    keys, values = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    out = F.linear(out.transpose(1, 2).reshape(b, s, d), attn.out_proj.weight, attn.out_proj.bias)
-    x = x + block.ls_1(out)
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return x, (k, v)
-
-
-class PrefixMemo:
-    """The text tower's keys and values of recently encoded token prefixes, per block.
-
-    A causal tower's keys and values at position i depend on tokens 0..i only, so a prefix
-    encoded at one MAGIC step (the caption so far) is valid at the next step for any text that
-    starts with the same tokens. Entries of the last two calls are kept; a text that starts
-    differently (a re-tokenised last word, the sliding window, Back) is simply encoded again.
-    """
-
-    def __init__(self) -> None:
-        self._now: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._before: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._weights: tuple = ()
-        self._tower: Any = None
-        self._param_list: list[torch.Tensor] = []
-
-    def check_weights(self, module: torch.nn.Module) -> None:
-        """Forget everything if ``module``'s parameters were replaced or changed in place
-        (moved, cast, trained) since the last call."""
-        weights = tuple((p.data_ptr(), p.dtype, p._version) for p in self._params(module))
-        if weights != self._weights:
-            self.clear()
-            self._weights = weights
-
-    def _params(self, tower: Any) -> list[torch.Tensor]:
-        """The text tower's parameters (listed once, walking the modules each call is slow; listed
-        again if the tower or its token embedding was replaced, as ``load_state_dict(assign=True)`` does)."""
-        if self._tower is not tower or self._param_list[0] is not tower.token_embedding.weight:
-            self._tower = tower
-            parts = [tower.token_embedding, tower.transformer, tower.ln_final, tower.positional_embedding,
-                     tower.text_projection]
-            self._param_list = [t for part in parts if part is not None
-                                for t in (part.parameters() if isinstance(part, torch.nn.Module) else [part])]
-        return self._param_list
-
-    def longest(self, tokens: list[int]) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]:
-        """(r, per-block (keys, values) of at least the first r tokens) for the longest
-        remembered prefix of ``tokens``; (0, None) when none is."""
-        for r in range(len(tokens), 0, -1):
-            key = tuple(tokens[:r])
-            entry = self._now.get(key) or self._before.get(key)
-            if entry is not None:
-                return r, entry
-        return 0, None
-
-    def new_call(self) -> None:
-        self._before, self._now = self._now, {}
-
-    def remember(self, tokens: list[int], kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self._now[tuple(tokens)] = kv
-
-    def clear(self) -> None:
-        self._now, self._before = {}, {}
-
-
-@dataclass
-class _Packed:
-    """G groups of n token rows laid out for :func:`_encode_packed` (see :func:`_pack_rows`)."""
-
-    prefixes: list[list[int]]  # each group's shared prefix, tokens 0 .. p - 1
-    reused: int  # r: positions < r come from the memo's keys and values
-    remembered: list[list[tuple[torch.Tensor, torch.Tensor]] | None]  # per group, the memo's entry
-    prefix_ids: torch.Tensor  # (G, p - r): the prefix tokens still to encode
-    prefix_mask: torch.Tensor  # (p - r, p): what each of them sees
-    tokens: torch.Tensor  # (G, T): the rows' own tokens, one row after the other
-    position: torch.Tensor  # (G, T): their positions in their rows
-    suffix_mask: torch.Tensor  # (G, 1, T, p + T): each sees the prefix and its own row's earlier tokens
-    ends: torch.Tensor  # (G, n): the slot of each row's end-of-text token
-
-    @property
-    def positions(self) -> int:
-        """Token positions the text tower runs: the new prefix tokens and the packed slots."""
-        return self.prefix_ids.numel() + self.tokens.numel()
-
-    def to(self, device: torch.device) -> "_Packed":
-        return replace(self, **{name: getattr(self, name).to(device) for name in
-                                ("prefix_ids", "prefix_mask", "tokens", "position", "suffix_mask", "ends")})
-
-
-def _pack_rows(ids: torch.Tensor, memo: PrefixMemo | None = None) -> _Packed:
-    """Plan the shared-prefix encoding of G groups of n token rows (G, n, L):
-
-    * each group's common token prefix (tokens 0 .. p - 1, the same p for all groups) is
-      encoded once, and only from r on where ``memo`` has keys and values for its beginning;
-    * the rest of the n rows, up to their end-of-text tokens, are packed one after another
-      in one sequence per group (no padding to the longest row).
-    """
-    g, n, length = ids.shape
-    eot = ids.argmax(dim=-1)  # (G, n): the end-of-text position of every row
-    same = (ids == ids[:, :1]).all(dim=1).all(dim=0)  # (L,): positions equal within every group
-    differ = (~same).nonzero()
-    p = int(differ[0]) if len(differ) else length
-    p = max(1, min(p, int(eot.min())))  # every row keeps at least its end-of-text token after the prefix
-    prefixes = ids[:, 0, :p].tolist()
-    remembered = [memo.longest(tokens) if memo is not None else (0, None) for tokens in prefixes]
-    r = min(min(hit for hit, _ in remembered), p - 1)
-    # new prefix queries see the reused part and the causal part of the new one
-    prefix_mask = torch.cat([torch.ones(p - r, r, dtype=torch.bool), torch.ones(p - r, p - r, dtype=torch.bool).tril()],
-                            dim=1)
-    # row i of a group brings its tokens p .. eot_i; slot t of a group holds one of them
-    s = length - p
-    lens = eot - p + 1  # (G, n)
-    valid = torch.arange(s) < lens[..., None]  # (G, n, S)
-    totals = lens.sum(dim=1)  # (G,)
-    slot = torch.arange(int(totals.max())) < totals[:, None]  # (G, T)
-    tokens = torch.zeros(slot.shape, dtype=ids.dtype)
-    tokens[slot] = ids[:, :, p:][valid]
-    position = torch.zeros(slot.shape, dtype=torch.long)
-    position[slot] = (p + torch.arange(s)).expand(g, n, s)[valid]
-    row = torch.full(slot.shape, -1, dtype=torch.long)
-    row[slot] = torch.arange(n)[:, None].expand(g, n, s)[valid]
-    own = (row[:, :, None] == row[:, None, :]) & (position[:, None, :] <= position[:, :, None])
-    suffix_mask = torch.cat([torch.ones(g, slot.shape[1], p, dtype=torch.bool), own], dim=2)[:, None]
-    return _Packed(prefixes, r, [entry for _, entry in remembered], ids[:, 0, r:p], prefix_mask, tokens, position,
-                   suffix_mask, lens.cumsum(dim=1) - 1)
-
-
-def _encode_packed(tower: Any, blocks: list[Any], packed: _Packed, memo: PrefixMemo | None = None) -> torch.Tensor:
-    """open_clip's text encoder on the rows :func:`_pack_rows` laid out: (G * n, d). Exact: the
-    tower is causal and pools the end-of-text token, so a row's embedding depends only on its
-    own tokens, and a shared prefix's keys and values are the same for every row."""
-    r = packed.reused
-    cast = tower.transformer.get_cast_dtype()
-    pos = tower.positional_embedding.to(cast)
-    prefix = tower.token_embedding(packed.prefix_ids).to(cast) + pos[r: r + packed.prefix_ids.shape[1]]
-    suffix = tower.token_embedding(packed.tokens).to(cast) + pos[packed.position]  # (G, T, d)
-    prefix_kv = []
-    for i, block in enumerate(blocks):
-        past = None
-        if r > 0:
-            past = tuple(torch.cat([entry[i][j][:, :, :r] for entry in packed.remembered]) for j in (0, 1))
-        prefix, (k, v) = _attend(block, prefix, past, packed.prefix_mask)
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        prefix_kv.append((k, v))
-        suffix, _ = _attend(block, suffix, (k, v), packed.suffix_mask)
-    if memo is not None:
-        memo.new_call()
-        for group, tokens in enumerate(packed.prefixes):
-            memo.remember(tokens, [(k[group: group + 1], v[group: group + 1]) for k, v in prefix_kv])
-    x = tower.ln_final(suffix)
-    g, n = packed.ends.shape
-    x = x[torch.arange(g, device=x.device)[:, None], packed.ends].reshape(g * n, -1)
-    return _project(tower, x)

@@ -223,6 +223,7 @@ def _model_set(preset: Preset, lm: LanguageModel, clip: ImageTextMatcher, defaul
                max_length: int | None, prompt: str | None = None) -> ModelSet:
     models = ModelSet(preset.name, preset.kind, lm, clip, dict(defaults), max_length, preset.description, prompt,
                       preset)
+    lm.defaults, lm.max_length = dict(defaults), max_length  # the decoders use them when given nothing
     if max_length is not None and "max_new_tokens" not in defaults:
         models.defaults["max_new_tokens"] = models.settings(None)["max_new_tokens"]
     return models

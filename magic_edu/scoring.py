@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .fast.candidate_texts import CandidateTexts
 from .models import ImageTextMatcher, LanguageModel
 
 
@@ -48,19 +49,23 @@ class ClipScorer:
     the EOS string. The prefix (start token, prompt) is never part of it, and the EOS
     candidate is scored as "stop here": its text is c's own.
     clip_score = softmax over the k candidates of logit_scale * cos(image, t_v).
+    ``remember=False`` encodes every step's texts afresh (see ``embed_text_groups``): then a
+    step taken again after Back gives bit-identical scores.
     """
 
     def __init__(
-        self, lm: LanguageModel, clip: ImageTextMatcher, image_embeddings: torch.Tensor, clip_text_max_len: int = 60
+        self, lm: LanguageModel, clip: ImageTextMatcher, image_embeddings: torch.Tensor, clip_text_max_len: int = 60,
+        remember: bool | None = None,
     ) -> None:
-        self.lm, self.clip = lm, clip
+        self.lm, self.clip, self.remember = lm, clip, remember
+        self._texts = CandidateTexts(lm)
         self.image_embeddings = image_embeddings  # (B, d), L2-normalised
         self.clip_text_max_len = clip_text_max_len
 
     def texts(self, generated: Sequence[Sequence[int]], candidate_ids: Sequence[Sequence[int]]) -> list[list[str]]:
         """t_v for every row and candidate."""
         keep = self.clip_text_max_len - 1  # ids of c kept before v
-        return self.lm.clip_texts_extended([list(c)[-keep:] if keep else [] for c in generated], candidate_ids)
+        return self._texts([list(c)[-keep:] if keep else [] for c in generated], candidate_ids)
 
     def __call__(
         self, generated: Sequence[Sequence[int]], candidate_ids: Sequence[Sequence[int]] | torch.Tensor
@@ -73,7 +78,7 @@ class ClipScorer:
         if isinstance(candidate_ids, torch.Tensor):
             candidate_ids = candidate_ids.tolist()
         texts = self.texts(generated, candidate_ids)
-        text_emb = self.clip.embed_text_groups(texts)  # (B, k, d); each row's shared prefix encoded once
+        text_emb = self.clip.embed_text_groups(texts, self.remember)  # (B, k, d); each row's shared prefix encoded once
         image_emb = self.image_embeddings.to(text_emb.device, torch.float64)
         cosines = (text_emb.double() @ image_emb.unsqueeze(-1)).squeeze(-1)
         return texts, cosines, torch.softmax(self.clip.logit_scale * cosines, dim=-1)

@@ -33,9 +33,9 @@ def test_decoders_on_cuda_match_cpu(tmp_path):
 
 def test_shared_clip_prefix_on_cuda_matches_cpu(tmp_path, monkeypatch):
     """The prefix-sharing text encoder (and its memo across steps) on the GPU too."""
-    from magic_edu import models
+    from magic_edu.fast import clip_prefix
 
-    monkeypatch.setattr(models, "SHARE_ON_GPU_SAVED_TOKENS", 0)
+    monkeypatch.setattr(clip_prefix, "SHARE_ON_GPU_SAVED_TOKENS", 0)
     lm_cpu, lm_gpu = (random_language_model(seed=4, dtype=torch.float64) for _ in range(2))
     clip_cpu, clip_gpu = random_clip(tmp_path / "a", seed=4), random_clip(tmp_path / "b", seed=4)
     for lm, clip, device in ((lm_cpu, clip_cpu, "cpu"), (lm_gpu, clip_gpu, "cuda")):

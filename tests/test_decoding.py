@@ -381,15 +381,70 @@ def test_paper_sized_models_take_the_reference_tokens():
     assert [g.token_ids for g in batch] == [magic_search(lm, clip, im, **kw).token_ids for im in images]
 
 
-def test_states_kept_for_back_hold_only_their_own_positions(tiny_lm, tiny_clip):
-    """The candidates' forward makes room for k extra positions; a state kept for Back must not
-    keep that room alive (memory would grow k-fold over a long decode)."""
-    s = Stepper(tiny_lm, "magic", clip=tiny_clip, image=make_image(0), k=8, max_new_tokens=6, stop_at_eos=False)
-    s.run()
-    states = s._history + [s._state]
-    assert len(states) == 7
-    for t, state in enumerate(states):
-        for key, value in state.cache:
-            assert key.shape[2] == len(s.prefix) + t
-            for tensor in (key, value):
-                assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+def test_back_then_step_gives_the_same_record_bit_for_bit(tiny_lm, tiny_clip):
+    """Back truncates the shared context buffers (no saved copies); stepping again must give the
+    very same record, for every decoder, also after the buffers grew mid-decode."""
+    import json
+    from dataclasses import asdict
+
+    def record(s):  # as JSON text, so NaN (columns a decoder does not compute) compares equal to itself
+        return json.dumps(asdict(s.step()))
+
+    image = make_image(3)
+    for decoder, kw in (("magic", dict(clip=tiny_clip, image=image, k=6, alpha=0.3, beta=1.0)),
+                        ("contrastive", dict(k=4, alpha=0.5)), ("greedy", {}), ("top_k", dict(k=20, seed=5)),
+                        ("nucleus", dict(p=0.9, seed=5))):
+        s = Stepper(tiny_lm, decoder, max_new_tokens=90, stop_at_eos=False, **kw)  # room grows past 64
+        first = [record(s) for _ in range(80)]
+        for back in (1, 5, 70):
+            for _ in range(back):
+                s.back()
+            again = [record(s) for _ in range(back)]
+            assert again == first[80 - back:], (decoder, back)
+        s.reset()
+        assert [record(s) for _ in range(80)] == first
+
+
+def test_decoders_that_cannot_go_back_keep_nothing_for_it(tiny_lm):
+    gen_stepper = Stepper(tiny_lm, "contrastive", k=4, alpha=0.5, max_new_tokens=20, history=False)
+    gen_stepper.run()
+    assert gen_stepper._undo == []
+    with pytest.raises(MagicEduError, match="history"):
+        gen_stepper.back()
+
+
+def test_held_memory_grows_linearly_with_the_length():
+    """What a decode holds (the Stepper's tensors, for Back too) after 200 tokens is about twice
+    what it holds after 100: linear, not quadratic, in the length."""
+    from magic_edu.tools.random_models import random_language_model
+
+    lm = random_language_model(n_layer=4, n_embd=64, n_head=4, n_positions=1024, seed=2)
+
+    def held(n: int, history: bool) -> int:
+        s = Stepper(lm, "contrastive", k=5, alpha=0.6, max_new_tokens=n, stop_at_eos=False, record=False,
+                    history=history)
+        s.run()
+        return _tensor_bytes(s)
+
+    for history in (False, True):
+        a, b = held(100, history), held(200, history)
+        assert 1.5 * a < b < 2.6 * a, (history, a, b)
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every distinct tensor storage reachable from ``obj``'s attributes (not the models)."""
+    seen, total, todo = set(), 0, [obj.__dict__]
+    while todo:
+        x = todo.pop()
+        if isinstance(x, torch.Tensor):
+            key = x.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += x.untyped_storage().nbytes()
+        elif isinstance(x, dict):
+            todo += [v for k, v in x.items() if k not in ("lm", "clip", "scorer")]
+        elif isinstance(x, (list, tuple)):
+            todo += list(x)
+        elif hasattr(x, "__dict__") and not isinstance(x, type):
+            todo.append(x.__dict__)
+    return total

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from magic_edu import LanguageModel, MagicEduError, load_image, magic_search
-from magic_edu.decoding import _keep_candidate
+from magic_edu.fast import clip_prefix
+from magic_edu.fast.candidate_texts import CandidateTexts, decoder_kind
 from magic_edu.models import cache_length, keep_sentences
 
 from conftest import make_image
@@ -69,7 +70,9 @@ def test_candidates_side_by_side_equal_one_full_forward_each(tiny_lm64):
             assert torch.allclose(hidden[b, i], h[0, -1], atol=1e-10)
             assert torch.allclose(lm.logits(hidden[b, i]), logits[0, -1], atol=1e-9)
     chosen = torch.tensor([2, 0])  # row 0 keeps 13, row 1 keeps 7
-    kept = _keep_candidate(cache_k, prefix.shape[1], chosen)
+    past, rows = prefix.shape[1], torch.arange(2)
+    kept = [tuple(torch.cat([t[:, :, :past], t[rows, :, past + chosen][:, :, None]], dim=2) for t in kv)
+            for kv in cache_k]  # the past positions plus each row's chosen candidate
     nxt = torch.tensor([[4], [6]])
     logits, h, _ = lm.forward(nxt, cache=kept)
     for b, token in enumerate([13, 7]):
@@ -79,20 +82,21 @@ def test_candidates_side_by_side_equal_one_full_forward_each(tiny_lm64):
 
 
 def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
-    """clip_texts_extended (decode c once, append each candidate's text) against decoding
+    """CandidateTexts (decode c once, append each candidate's text) against decoding
     every c + [v] in full: random ids, so partial UTF-8 bytes, EOS and the start token occur."""
     from magic_edu.presets import load_models
 
-    assert tiny_lm._decoder_kind == "bytes"
+    assert CandidateTexts(tiny_lm).kind == "bytes"
     gen = torch.Generator().manual_seed(0)
     from magic_edu.tools.random_models import random_language_model, word_tokenizer
 
     # byte-level BPE; word-level with a WordPiece decoder; word-level without a decoder
     lms = [tiny_lm, load_models("toy").lm, random_language_model(tokenizer=word_tokenizer(3000))]
-    assert lms[1]._decoder_kind == lms[2]._decoder_kind == "pieces"
+    assert CandidateTexts(lms[1]).kind == CandidateTexts(lms[2]).kind == "pieces"
     assert lms[2].tokenizer.backend_tokenizer.decoder is None
     multibyte = tiny_lm.tokenizer("éè — ok", add_special_tokens=False)["input_ids"]
     for lm in lms:
+        extended = CandidateTexts(lm)
         whole = torch.tensor([i for i in range(lm.vocab_size) if "\ufffd" not in lm.token_text(i)])
         fast, rows, row_candidates, expected_rows = 0, [], [], []
         for trial in range(300):
@@ -105,17 +109,16 @@ def test_extending_a_decoded_text_equals_decoding_it_whole(tiny_lm):
             if lm is tiny_lm and trial % 3 == 0:
                 ids = ids + multibyte[: trial % len(multibyte)]  # sometimes cut inside a character
             expected = lm.clip_texts([ids + [v] for v in candidates])
-            assert lm.clip_texts_extended([ids], [candidates]) == [expected]
-            fast += lm._decoder_kind == "pieces" or "\ufffd" not in lm.decode(ids)
+            assert extended([ids], [candidates]) == [expected]
+            fast += extended.kind == "pieces" or "\ufffd" not in lm.decode(ids)
             rows.append(ids), row_candidates.append(candidates), expected_rows.append(expected)
         assert fast > 100
-        assert lm.clip_texts_extended(rows, row_candidates) == expected_rows  # a batch mixing both kinds
+        assert extended(rows, row_candidates) == expected_rows  # a batch mixing both kinds
 
 
 def test_decoder_kind_only_promises_what_it_knows(tiny_lm):
     from types import SimpleNamespace
 
-    from magic_edu.models import decoder_kind
     from magic_edu.tools.random_models import word_tokenizer
 
     assert decoder_kind(tiny_lm.tokenizer) == "bytes"
@@ -261,14 +264,13 @@ def test_prefix_reuse_across_calls_is_exact_and_saves_work(tmp_path, monkeypatch
     """Step after step (the caption grows), the prefix keys and values of the previous call are
     reused: the same embeddings as open_clip's full encode, for fewer token forwards; and a
     change to the weights is noticed."""
-    from magic_edu import models
     from magic_edu.tools.random_models import random_clip
 
     clip = random_clip(tmp_path, seed=3)
     clip.model.double()
     encoded = []
-    attend = models._attend
-    monkeypatch.setattr(models, "_attend", lambda block, x, past, mask: (
+    attend = clip_prefix.attend
+    monkeypatch.setattr(clip_prefix, "attend", lambda block, x, past, mask: (
         encoded.append(x.shape[0] * x.shape[1]), attend(block, x, past, mask))[1])
     caption = "a"
     work = {}
@@ -303,15 +305,17 @@ def test_text_towers_without_prefix_sharing_fall_back_exactly(tiny_clip):
     from magic_edu import ImageTextMatcher
 
     plain = ImageTextMatcher(tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer)
-    plain._blocks = None  # as for a text tower of another kind: trimmed ids, open_clip's own blocks
+    plain._encoder.blocks = None  # as for blocks of another kind: trimmed ids, open_clip's own blocks
+    switched_off = ImageTextMatcher(tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer)
+    switched_off.share_prefix = False  # the public switch: the same path
     texts = ["a red circle", "a red"]
-    assert torch.allclose(plain.embed_texts(texts), tiny_clip.embed_texts(texts), atol=1e-5)
+    full = F.normalize(tiny_clip.model.encode_text(tiny_clip.tokenizer(texts)), dim=-1)
+    for clip in (plain, switched_off, tiny_clip):
+        assert torch.allclose(clip.embed_texts(texts), full, atol=1e-5)
 
 
 def test_packing_plan_counts_the_positions_the_tower_runs(tiny_clip):
     """The packed layout's size (what decides sharing on a GPU), worked out row by row here."""
-    from magic_edu import models
-
     groups = [["a red circle", "a red circ", "a red circle on the", "a red"],
               ["the blue", "the blue star", "the bl", "the blue something else entirely"]]
     ids = tiny_clip._clip_tokenizer([t for g in groups for t in g]).view(2, 4, -1)
@@ -320,28 +324,27 @@ def test_packing_plan_counts_the_positions_the_tower_runs(tiny_clip):
     while all(len(row) > p + 1 and row[p] == group[0][p] for group in rows for row in group):
         p += 1  # positions equal within every group, each row keeping at least its end token after them
     packed_lengths = [sum(len(row) - p for row in group) for group in rows]
-    packed = models._pack_rows(ids)
+    packed = clip_prefix.pack_rows(ids)
     assert p == 2  # start, then "a" in one group, "the" in the other
     assert packed.prefix_ids.shape == (2, p) and packed.tokens.shape == (2, max(packed_lengths))
     assert packed.positions == 2 * p + 2 * max(packed_lengths)
     assert packed.positions < ids.numel()  # fewer positions than encoding every row in full
 
 
-@pytest.mark.parametrize("threshold, path", [(0, "_encode_packed"), (10**9, "_encode_text_trimmed")])
+@pytest.mark.parametrize("threshold, path", [(0, "encode_packed"), (10**9, "encode_text_trimmed")])
 def test_text_encoding_off_the_cpu_moves_everything_to_the_model(tmp_path, monkeypatch, threshold, path):
     """The GPU branch of the text encoding (sharing chosen by the tokens it saves), run on the
     "meta" device: a tensor left on the CPU that meets a meta one in arithmetic raises (index
     tensors are let through there, as on a GPU for indexing, but not for embedding lookups)."""
-    from magic_edu import models
     from magic_edu.tools.random_models import random_clip
 
     clip = random_clip(tmp_path)
     clip.model.to("meta")
-    monkeypatch.setattr(models, "SHARE_ON_GPU_SAVED_TOKENS", threshold)
+    monkeypatch.setattr(clip_prefix, "SHARE_ON_GPU_SAVED_TOKENS", threshold)
     taken = []
-    for name in ("_encode_packed", "_encode_text_trimmed"):
-        original = getattr(models, name)
-        monkeypatch.setattr(models, name, lambda *a, _f=original, _n=name, **kw: taken.append(_n) or _f(*a, **kw))
+    for name in ("encode_packed", "encode_text_trimmed"):
+        original = getattr(clip_prefix, name)
+        monkeypatch.setattr(clip_prefix, name, lambda *a, _f=original, _n=name, **kw: taken.append(_n) or _f(*a, **kw))
     for step in range(2):  # the second call reuses the first one's prefix keys and values
         emb = clip.embed_text_groups([["a red circle", "a red square"], ["a red star", "a red"]])
         assert emb.device.type == "meta" and emb.shape == (2, 2, 32)

@@ -300,9 +300,9 @@ def test_story_clip_scores_only_the_continuation(paper_hub):
     seen: list[str] = []
     embed_text_groups = clip.embed_text_groups
 
-    def spy(groups):
+    def spy(groups, remember=None):
         seen.extend(t for group in groups for t in group)
-        return embed_text_groups(groups)
+        return embed_text_groups(groups, remember)
 
     clip.embed_text_groups = spy
     title = "the boy kicked the ball"
@@ -471,3 +471,36 @@ def test_fresh_process_honours_hf_home_and_offline(tmp_path, stand_ins):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"LOADED {PAPER_SOS} ViT-B-32-quickgelu/openai" in out.stdout
     assert "MISSING ['cambridgeltl/magic_flickr30k']" in out.stdout
+
+
+def test_decoders_follow_the_presets_settings_unless_told_otherwise():
+    """`magic_search(models.lm, models.clip, image)` uses the preset's tuned settings (not the
+    paper's k = 45, beta = 2 on a toy world); explicit arguments still win; the trace says
+    which settings came from the preset; top-k sampling's own k is not the candidates' k."""
+    from magic_edu import contrastive_search, magic_search, top_k_sampling
+    from magic_edu.toyworld import shapes
+
+    models = load_models("toy")
+    image = shapes.make_scene(9_000_003, n_objects=1).image
+    plain = magic_search(models.lm, models.clip, image)
+    spelled_out = magic_search(models.lm, models.clip, image, **models.defaults)
+    assert plain.token_ids == spelled_out.token_ids
+    used = plain.trace.settings
+    assert {name: used[name] for name in models.defaults} == models.defaults
+    assert sorted(used["from_preset"]) == sorted(models.defaults)
+    mine = magic_search(models.lm, models.clip, image, k=3).trace.settings
+    assert mine["k"] == 3 and "k" not in mine["from_preset"] and mine["beta"] == models.defaults["beta"]
+    assert contrastive_search(models.lm).trace.settings["k"] == models.defaults["k"]
+    sampled = top_k_sampling(models.lm, seed=0).trace.settings
+    assert sampled["k"] == 40 and "k" not in sampled["from_preset"]
+
+
+def test_a_model_without_preset_takes_the_registrys_defaults(tiny_lm, tiny_clip):
+    from magic_edu import magic_search
+    from magic_edu.registry import DECODERS
+
+    assert tiny_lm.defaults == {}
+    settings = magic_search(tiny_lm, tiny_clip, make_image(0)).trace.settings
+    magic = DECODERS["magic"]
+    assert {p.name: settings[p.name] for p in magic.params} == {p.name: p.default for p in magic.params}
+    assert settings["from_preset"] == [] and settings["max_new_tokens"] == 16
