@@ -281,13 +281,13 @@ class ImageTextMatcher:
         # encode_text (trimmed to the longest text) and every step starts afresh
         self.share_prefix = True  # encode the texts' shared token prefix once, the rest packed
         self.remember_prefixes = True  # and reuse a prefix's keys and values across calls (MAGIC steps)
-        self._encoder = SharedPrefixEncoder(model)
+        self.text_encoder = SharedPrefixEncoder(model)  # magic_edu.fast.clip_prefix
         self._clip_tokenizer = ClipTokenizer(tokenizer)
 
     @property
     def prefix_memo(self) -> PrefixMemo:
         """The remembered prefixes' keys and values (``clear()`` forgets them)."""
-        return self._encoder.memo
+        return self.text_encoder.memo
 
     @classmethod
     def from_pretrained(
@@ -325,7 +325,7 @@ class ImageTextMatcher:
 
     def _token_ids(self, texts: Sequence[str]) -> torch.Tensor:
         """:meth:`tokenize` on the CPU."""
-        return self._clip_tokenizer(texts, trim=self._encoder.tower is not None)
+        return self._clip_tokenizer(texts, trim=self.text_encoder.tower is not None)
 
     @torch.no_grad()
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
@@ -347,11 +347,11 @@ class ImageTextMatcher:
             raise MagicEduError("groups: every group must hold the same number (>= 1) of texts")
         n = sizes.pop()
         ids = self._token_ids([t for g in groups for t in g]).view(len(groups), n, -1)
-        if self._encoder.tower is None:  # a text tower of another kind: open_clip's own encoder
+        if self.text_encoder.tower is None:  # a text tower of another kind: open_clip's own encoder
             emb = self.model.encode_text(ids.flatten(0, 1).to(self.device))
         else:
             remember = self.remember_prefixes if remember is None else remember
-            emb = self._encoder(ids, self.device, self.share_prefix, remember)
+            emb = self.text_encoder.encode(ids, self.device, self.share_prefix, remember)
         return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(len(groups), n, -1)
 
     def text_cosines(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

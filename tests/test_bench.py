@@ -58,3 +58,8 @@ def test_gpu_timing_takes_the_wall_time_from_a_plain_run(tiny_lm, monkeypatch):
     assert len(calls) == 2 and tokens == captions == 0
     assert 0 < lm_s <= elapsed * 1.01 and clip_s == 0
     assert syncs.count("cuda") == 6  # around the plain run, around the timed run, around its one forward
+
+
+def test_decode_memory_is_measured_in_a_fresh_process():
+    mib_short, seconds = bench.decode_memory(20, size="tiny")
+    assert seconds > 0 and 0 <= mib_short < 200

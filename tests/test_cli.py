@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 import magic_edu
+from magic_edu.registry import DECODERS
 from magic_edu.tools import cli, evaluation
 from magic_edu.tools.evaluation import evaluate, load_results, table_to_dict
 
@@ -98,7 +99,7 @@ def test_evaluate_as_a_module_with_the_real_metrics(results_file):
     """The command as a user runs it (python -m magic_edu.tools.cli == the magic-edu script), real METEOR."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-m", "magic_edu.tools.cli", "evaluate", str(results_file), "--json"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+                          check=False, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 0, done.stderr
     scores = json.loads(done.stdout)
     assert list(scores) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr",
@@ -136,12 +137,21 @@ class FakeDecoders:
         self._call("top-k", **kw)
         return SimpleNamespace(text=f"sample {kw['seed']}")
 
+    def nucleus_sampling(self, lm, **kw):
+        self._call("nucleus", **kw)
+        return SimpleNamespace(text=f"nucleus {kw['seed']}")
+
+    def contrastive_search(self, lm, **kw):
+        self._call("contrastive", **kw)
+        return SimpleNamespace(text="a contrastive picture")
+
 
 @pytest.fixture
 def fake(monkeypatch) -> FakeDecoders:
     f = FakeDecoders()
-    monkeypatch.setattr(magic_edu, "load_models", lambda preset: f.models, raising=False)
-    for name in ("magic_search", "greedy_search", "top_k_sampling"):
+    f.loads = []
+    monkeypatch.setattr(magic_edu, "load_models", lambda preset: f.loads.append(preset) or f.models)
+    for name in ("magic_search", "greedy_search", "top_k_sampling", "nucleus_sampling", "contrastive_search"):
         monkeypatch.setattr(magic_edu, name, getattr(f, name))
     return f
 
@@ -175,7 +185,8 @@ def test_caption_a_folder_in_batches_and_skip_the_unreadable(fake, folder, tmp_p
     load_results(out, require_references=False)  # evaluate reads what caption writes
     # sorted: img0 img1 | img2 img2b(corrupt) | img3 img4 -> batches of 2, 1, 2 images
     assert [kw["n"] for name, kw in fake.calls] == [2, 1, 2]
-    assert fake.calls[0][1] == {"n": 2, "k": 4, "alpha": 0.1, "beta": 2.0, "max_new_tokens": 7}
+    # nothing given: nothing passed but record=False (the decoders take the preset's settings)
+    assert fake.calls[0][1] == {"n": 2, "record": False}
     skipped = json.loads((tmp_path / "results.skipped.json").read_text())
     assert [s["image_name"] for s in skipped] == ["img2b.png"]
     assert "not a readable image" in skipped[0]["reason"]
@@ -259,7 +270,7 @@ def test_image_blind_decoders(fake, folder, tmp_path, capsys):
     out = tmp_path / "greedy.json"
     run(["caption", str(folder), "--out", str(out), "--decoder", "greedy"], capsys)
     assert {e["prediction"] for e in json.loads(out.read_text())} == {"a picture"}
-    assert fake.calls == [("greedy", {"max_new_tokens": 7})]  # one caption fits every image
+    assert fake.calls == [("greedy", {"record": False})]  # one caption fits every image
 
     # top-k: one seed per image name, so the batch size does not change any caption
     texts = []
@@ -269,7 +280,65 @@ def test_image_blind_decoders(fake, folder, tmp_path, capsys):
              "--batch-size", batch_size, "--k", "3"], capsys)
         texts.append([e["prediction"] for e in json.loads(out.read_text())])
     assert texts[0] == texts[1] == [f"sample {cli.image_seed(5, f'img{i}.png')}" for i in range(5)]
-    assert fake.calls[-1][1]["k"] == 3 and len(set(texts[0])) == 5
+    assert fake.calls[-1][1] == {"k": 3, "seed": cli.image_seed(5, "img4.png"), "record": False}
+    assert len(set(texts[0])) == 5
+
+
+@pytest.mark.parametrize("spelling", ["top-k", "top_k"])
+def test_decoder_names_and_aliases(fake, folder, tmp_path, capsys, spelling):
+    out = tmp_path / "r.json"
+    status, _, err = run(["caption", str(folder / "img0.png"), "--out", str(out), "--decoder", spelling], capsys)
+    assert status == 0 and "caption (top_k)" in err
+    assert fake.calls == [("top-k", {"seed": cli.image_seed(0, "img0.png"), "record": False})]  # seed 0 by default
+
+
+def test_every_registry_decoder_and_alias_is_a_choice(capsys):
+    assert set(cli.decoder_choices()) == {*DECODERS, "top-k", "top-p"}
+    with pytest.raises(SystemExit):
+        cli.main(["caption", "x.png", "--out", "r.json", "--decoder", "beam"])
+    err = capsys.readouterr().err
+    assert "invalid choice: 'beam'" in err and all(name in err for name in DECODERS)
+    with pytest.raises(SystemExit):
+        cli.main(["caption", "--help"])
+    help_text = capsys.readouterr().out
+    for decoder in DECODERS.values():
+        assert decoder.name in help_text and decoder.label in help_text
+    for option in ("--k", "--alpha", "--beta", "--p", "--top-p", "--seed", "--max-new-tokens", "--clip-text-max-len"):
+        assert option in help_text
+
+
+def test_settings_given_are_passed_and_the_rest_left_to_the_preset(fake, folder, tmp_path, capsys):
+    out = tmp_path / "magic.json"
+    argv = ["caption", str(folder / "img0.png"), "--out", str(out), "--k", "3", "--alpha", "0.2", "--beta", "1.5",
+            "--clip-text-max-len", "20", "--max-new-tokens", "5"]
+    assert run(argv, capsys)[0] == 0
+    assert fake.calls == [("magic", {"n": 1, "k": 3, "alpha": 0.2, "beta": 1.5, "clip_text_max_len": 20,
+                                     "max_new_tokens": 5, "record": False})]
+    fake.calls = []
+    run(["caption", str(folder / "img0.png"), "--out", str(tmp_path / "c.json"), "--decoder", "contrastive",
+         "--alpha", "0.3"], capsys)
+    assert fake.calls == [("contrastive", {"alpha": 0.3, "record": False})]
+    for spelling in ("--p", "--top-p"):  # the old spelling still works
+        fake.calls = []
+        run(["caption", str(folder / "img1.png"), "--out", str(tmp_path / f"n{spelling}.json"), "--decoder",
+             "nucleus", spelling, "0.5", "--seed", "2"], capsys)
+        assert fake.calls == [("nucleus", {"p": 0.5, "seed": cli.image_seed(2, "img1.png"), "record": False})]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--decoder", "greedy", "--beta", "1"], "--beta: --decoder greedy (greedy search) does not take it"),
+    (["--decoder", "greedy", "--seed", "3"], "--seed: --decoder greedy"),
+    (["--decoder", "top-k", "--alpha", "0.1"], "it takes --k, --seed"),
+    (["--decoder", "nucleus", "--p", "0"], "p must be a number in (0.0, 1.0]"),
+    (["--alpha", "1.5"], "alpha must be a number between 0.0 and 1.0; got 1.5"),
+    (["--k", "0"], "k must be an integer"),
+    (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+])
+def test_a_setting_the_decoder_does_not_take_is_an_error_before_loading(fake, folder, tmp_path, capsys, argv,
+                                                                       expected):
+    status, _, err = run(["caption", str(folder), "--out", str(tmp_path / "r.json"), *argv], capsys)
+    assert status == 2 and expected in err, err
+    assert fake.loads == [] and fake.calls == [] and not (tmp_path / "r.json").exists()
 
 
 def test_subcommands_are_registered_from_one_list(monkeypatch, capsys):
@@ -295,7 +364,7 @@ def random_models(tmp_path_factory):
 @pytest.mark.slow
 def test_every_decoder_through_the_real_decoding_code(random_models, folder, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(magic_edu, "load_models", lambda preset: random_models, raising=False)
-    for decoder in cli.DECODERS:
+    for decoder in [*DECODERS, "top-k"]:
         out = tmp_path / f"{decoder}.json"
         status, _, err = run(["caption", str(folder), "--out", str(out), "--decoder", decoder,
                               "--batch-size", "4", "--max-new-tokens", "4"], capsys)

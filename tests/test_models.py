@@ -305,7 +305,7 @@ def test_text_towers_without_prefix_sharing_fall_back_exactly(tiny_clip):
     from magic_edu import ImageTextMatcher
 
     plain = ImageTextMatcher(tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer)
-    plain._encoder.blocks = None  # as for blocks of another kind: trimmed ids, open_clip's own blocks
+    plain.text_encoder.blocks = None  # as for blocks of another kind: trimmed ids, open_clip's own blocks
     switched_off = ImageTextMatcher(tiny_clip.model, tiny_clip.preprocess, tiny_clip.tokenizer)
     switched_off.share_prefix = False  # the public switch: the same path
     texts = ["a red circle", "a red"]

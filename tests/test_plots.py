@@ -8,14 +8,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import numpy as np
+import pytest
+from conftest import make_image
+from matplotlib.figure import Figure
 
 from magic_edu import MagicEduError, Stepper, Trace
 from magic_edu.tools import analysis
-from magic_edu.views import plots  # noqa: E402
-from conftest import make_image  # noqa: E402
+from magic_edu.views import plots
 
 ALPHA, BETA, K = 0.3, 1.5, 5
 
@@ -167,6 +167,48 @@ def test_plot_step_for_greedy_is_one_bar_of_probability(greedy_trace):
     assert ax.get_yticklabels()[record.chosen].get_text().startswith(plots.CHOSEN_MARK)
 
 
+def test_plot_step_for_contrastive_has_no_clip_part(contrastive_trace):
+    record = contrastive_trace.steps[1]
+    ax = plots.plot_step(contrastive_trace, 1).axes[0]
+    assert [c.get_label() for c in ax.containers] == [plots.LM_LABEL, plots.PENALTY_LABEL]
+    np.testing.assert_allclose([b.get_width() for b in container(ax, plots.LM_LABEL)],
+                               (1 - ALPHA) * np.array(record.lm_prob))
+
+
+def renamed(trace: Trace, decoder: str | None) -> Trace:
+    data = trace.to_dict()
+    data["settings"] = {**data["settings"], "decoder": decoder}
+    return Trace.from_dict(data)
+
+
+@pytest.mark.parametrize("decoder", ["beam", None, ["not", "a", "name"]])
+def test_a_trace_of_a_decoder_the_registry_does_not_know_is_drawn_by_probability(contrastive_trace, decoder):
+    trace = renamed(contrastive_trace, decoder)
+    record = trace.steps[0]
+    parts = analysis.score_parts(trace, 0)
+    np.testing.assert_allclose(parts["lm"], record.lm_prob)
+    assert not parts["penalty"].any() and not parts["clip"].any()
+    assert not analysis.scores_candidates(trace) and analysis.trace_decoder(trace) is None
+    ax = plots.plot_step(trace, 0).axes[0]
+    assert [c.get_label() for c in ax.containers] == [plots.PROB_LABEL]
+
+
+def test_the_registry_says_which_traces_score_candidates(contrastive_trace, monkeypatch):
+    """A decoder added to the registry is drawn by its description, with no change to the plots."""
+    from dataclasses import replace
+
+    from magic_edu import registry
+
+    monkeypatch.setitem(registry.DECODERS, "my_search",
+                        replace(registry.DECODERS["contrastive"], name="my_search", label="my search"))
+    trace = renamed(contrastive_trace, "my_search")
+    assert analysis.scores_candidates(trace)
+    np.testing.assert_allclose(analysis.score_parts(trace, 1)["penalty"],
+                               analysis.score_parts(contrastive_trace, 1)["penalty"])
+    ax = plots.plot_step(trace, 1).axes[0]
+    assert [c.get_label() for c in ax.containers] == [plots.LM_LABEL, plots.PENALTY_LABEL]
+
+
 def test_plot_step_with_many_candidates_keeps_the_chosen_one(tiny_lm, image, tiny_clip):
     s = Stepper(tiny_lm, "magic", tiny_clip, image, k=40, alpha=0.2, beta=1.0, max_new_tokens=2, stop_at_eos=False)
     first = s.step()
@@ -287,7 +329,7 @@ def test_plot_decoders_when_all_agree(greedy_trace):
 def test_plot_sweep_marks_the_best_cell():
     import pandas as pd
 
-    frame = pd.DataFrame([dict(k=k, alpha=a, beta=b, clip_cosine=a + 2 * b + k)
+    frame = pd.DataFrame([{"k": k, "alpha": a, "beta": b, "clip_cosine": a + 2 * b + k}
                           for k in (4, 8) for a in (0.0, 0.5) for b in (0.0, 1.0, 2.0)])
     fig = plots.plot_sweep(frame, "clip_cosine")
     assert len(fig.axes) == 4  # two maps and their colour bars

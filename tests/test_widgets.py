@@ -9,17 +9,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from conftest import make_image
+from matplotlib.figure import Figure
 
-from conftest import make_image  # noqa: E402
-from magic_edu import Stepper
+from magic_edu import MagicEduError, Stepper
+from magic_edu.presets import ModelSet, data_dir, load_models
+from magic_edu.registry import DECODERS
 from magic_edu.tools import analysis
-from magic_edu.toyworld import shapes  # noqa: E402
-from magic_edu.presets import ModelSet, data_dir, load_models  # noqa: E402
-from magic_edu.views.widgets import CompareDecoders, ImagePicker, StepThrough, Sweep  # noqa: E402
+from magic_edu.toyworld import shapes
+from magic_edu.views.widgets import CompareDecoders, ImagePicker, StepThrough, Sweep
 
 PNG = b"\x89PNG"
 
@@ -168,6 +169,29 @@ def test_settings_redecode_to_the_same_step(models, image):
     assert not w.seed.disabled and not w.k.disabled
 
 
+def test_the_decoders_and_their_controls_come_from_the_registry(models, image):
+    w = StepThrough(models, image, decoder="top-k")  # an alias names the decoder too
+    assert w.decoder.value == "top_k"
+    assert w.decoder.options == tuple((d.label, d.name) for d in DECODERS.values())
+    assert set(w.controls) == {p.name for d in DECODERS.values() for p in d.params}
+    assert w.controls["k"] is w.k and w.controls["seed"] is w.seed and w.controls["p"] is w.p
+    for decoder in DECODERS.values():
+        w.decoder.value = decoder.name
+        no_error(w)
+        assert {n for n, c in w.controls.items() if not c.disabled} == set(decoder.param_names), decoder.name
+        assert not w.length.disabled
+        # the decode got exactly the decoder's parameters, from the controls
+        assert {n: w.trace.settings[n] for n in decoder.param_names} == {n: w.controls[n].value
+                                                                         for n in decoder.param_names}
+    # the sliders' ranges are the registry's, widened for the preset's values
+    assert (w.alpha.min, w.alpha.max, w.alpha.step) == DECODERS["magic"].param("alpha").slider
+    assert (w.p.min, w.p.max, w.p.step) == DECODERS["nucleus"].param("p").slider
+    assert (w.k.value, w.alpha.value, w.beta.value) == (5, 0.3, 1.0)  # the preset's
+    assert w.k.max == 50 and w.beta.max == 5.0
+    with pytest.raises(MagicEduError, match="decoder must be one of greedy, top_k, nucleus, contrastive, magic"):
+        StepThrough(models, image, decoder="beam")
+
+
 def test_bad_settings_show_a_message_in_the_widget(models, image):
     w = StepThrough(models, image)
     w.next_button.click()
@@ -254,10 +278,18 @@ def test_compare_decoders_side_by_side(models, image):
     # contrastive search uses MAGIC's k and alpha; beta = 0 would make MAGIC the same as it
     w.beta.value = 0.0
     assert w.generations["magic"].token_ids == w.generations["contrastive"].token_ids
+    assert w.sampler.options == tuple((d.label, d.name) for d in DECODERS.values() if d.samples)
+    assert w.p.disabled  # no decoder compared takes p
     w.sampler.value = "nucleus"
-    assert list(w.frame["decoder"])[-1] == "nucleus"
+    assert list(w.frame["decoder"])[-1] == "nucleus" and not w.p.disabled
+    w.p.value = 0.5
+    no_error(w)
+    assert w.generations["nucleus"].trace.settings["p"] == 0.5 and w.generations["nucleus"].trace.settings["seed"] == 0
+    assert "nucleus sampling" in w.summary.value
     fig = w.snapshot()
     assert isinstance(fig, Figure)
+    with pytest.raises(MagicEduError, match="sampler must be one of top_k, nucleus"):
+        CompareDecoders(models, image, sampler="greedy")
 
 
 def test_compare_decoders_reports_repeats_and_bad_settings(models, image):

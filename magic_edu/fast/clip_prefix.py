@@ -245,8 +245,8 @@ class SharedPrefixEncoder:
         self.blocks = plain_blocks(self.tower) if self.tower is not None else None
         self.memo = PrefixMemo()
 
-    def __call__(self, ids: torch.Tensor, device: torch.device, share: bool = True, remember: bool = True
-                 ) -> torch.Tensor:
+    def encode(self, ids: torch.Tensor, device: torch.device, share: bool = True, remember: bool = True
+               ) -> torch.Tensor:
         """Embeddings (G * n, d), not normalised, of token ids (G, n, L) on the CPU.
 
         The packing is planned on the CPU (no device round trip); sharing the prefix saves

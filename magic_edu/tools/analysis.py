@@ -16,16 +16,18 @@ import math
 import os
 import re
 from collections import Counter
-from typing import Any, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import MagicEduError
 from ..inputs import ImageLike, load_image
+from ..registry import Decoder, get_decoder
 from ..trace import Generation, Trace
 
-TraceLike = Union[Trace, Generation, str, os.PathLike]
+TraceLike = Trace | Generation | str | os.PathLike
 
 _VISIBLE = {" ": "␣", "\n": "↵", "\t": "⇥"}  # (DejaVu Sans, matplotlib's font, has these glyphs)
 _SPECIAL = re.compile(r"^<[|\-](.+?)[|\-]>$")  # <|endoftext|>, <-start_of_text->
@@ -55,17 +57,35 @@ def token_label(text: str) -> str:
     return "".join(_VISIBLE.get(ch, f"\\x{ord(ch):02x}" if ord(ch) < 32 or ord(ch) == 127 else ch) for ch in text)
 
 
+def trace_decoder(trace: Trace) -> Decoder | None:
+    """The registry's description of the decoder that wrote ``trace`` (None for a name it does
+    not know, e.g. a trace saved by another version)."""
+    try:
+        return get_decoder(trace.settings.get("decoder"))
+    except MagicEduError:
+        return None
+
+
+def scores_candidates(trace: Trace) -> bool:
+    """Whether ``trace``'s decoder scores its candidates (degeneration penalty, CLIP score),
+    as contrastive and MAGIC search do; False for a decoder the registry does not know."""
+    decoder = trace_decoder(trace)
+    return decoder is not None and decoder.scores_candidates
+
+
 def score_parts(trace: Trace, step: int) -> dict[str, np.ndarray]:
     """The parts of one step's score, one value per candidate (in rank order).
 
-    For contrastive and MAGIC search: ``lm`` = (1 - alpha) p(v|x), ``penalty`` = - alpha
-    penalty(v), ``clip`` = beta clip_score(v) (0 without CLIP), and ``score`` = their sum,
-    as recorded. For greedy and sampling the score is p(v|x) alone: ``lm`` = p, the rest 0.
+    For a decoder that scores candidates (:func:`scores_candidates`: contrastive and MAGIC
+    search): ``lm`` = (1 - alpha) p(v|x), ``penalty`` = - alpha penalty(v), ``clip`` = beta
+    clip_score(v) (0 without CLIP), and ``score`` = their sum, as recorded. For the others
+    (greedy, sampling, a decoder the registry does not know) the score is p(v|x) alone:
+    ``lm`` = p, the rest 0.
     """
     record = trace.steps[step]
     lm_prob = np.asarray(record.lm_prob, dtype=float)
     zeros = np.zeros_like(lm_prob)
-    if trace.settings.get("decoder") not in ("contrastive", "magic"):
+    if not scores_candidates(trace):
         return {"lm": lm_prob, "penalty": zeros, "clip": zeros.copy(), "score": np.asarray(record.score, float)}
     alpha = float(trace.settings.get("alpha", 0.0))
     beta = float(trace.settings.get("beta", 0.0))

@@ -10,6 +10,7 @@ CLIP ViT-B/32 architectures with random weights (speed does not depend on the we
 from __future__ import annotations
 
 import contextlib
+import gc
 import platform
 import time
 from dataclasses import dataclass
@@ -55,8 +56,8 @@ def forward_timers(lm: LanguageModel, clip: ImageTextMatcher | None) -> Iterator
     """Accumulate the time spent inside the LM's forwards (and its head) and CLIP's forwards.
 
     The transformers / open_clip modules themselves are timed (and, for CLIP's text tower,
-    ``ImageTextMatcher._encode_ids``, which counts the shared-prefix encoder's own packing and
-    masks as part of the forward), so any decode loop is measured the same way; a forward
+    ``ImageTextMatcher.text_encoder.encode``, which counts the shared-prefix encoder's own
+    packing and masks as part of the forward), so any decode loop is measured the same way; a forward
     called from inside another timed one is not counted twice.
     """
     spent = {"lm": 0.0, "clip": 0.0}
@@ -87,8 +88,9 @@ def forward_timers(lm: LanguageModel, clip: ImageTextMatcher | None) -> Iterator
     wrap(lm, "logits", "lm", lm.device)  # the LM head applied to the chosen candidates
     if clip is not None:
         # the CLIP forwards proper (tokenisation stays outside, it is glue)
-        for name in ("_encode_ids", "encode_text", "encode_image"):
-            wrap(clip if name == "_encode_ids" else clip.model, name, "clip", clip.device)
+        wrap(clip.text_encoder, "encode", "clip", clip.device)
+        for name in ("encode_text", "encode_image"):
+            wrap(clip.model, name, "clip", clip.device)
     try:
         yield spent
     finally:
@@ -169,17 +171,19 @@ def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: 
     common = dict(max_new_tokens=tokens, stop_at_eos=False)
 
     def decode(decoder: str, batch: int = 1, record: bool = True, **kw: Any) -> Callable[[], list]:
-        def run() -> list:
+        def run() -> list:  # as the decoder functions run (no history for Back)
             if decoder == "magic":
                 return Stepper(lm, "magic", clip=clip, image=images[:batch], k=k, alpha=alpha, beta=beta,
-                               record=record, **common, **kw).run()
-            return Stepper(lm, decoder, k=kw.pop("k", k), alpha=alpha, seed=0, record=record, **common, **kw).run()
+                               record=record, history=False, **common).run()
+            if decoder == "contrastive":
+                kw.update(k=k, alpha=alpha)
+            return Stepper(lm, decoder, record=record, history=False, **common, **kw).run()
         return run
 
     runs = [
         (f"{name} greedy", decode("greedy"), lm, None),
-        (f"{name} top-k sampling (k=40)", decode("top_k", k=40), lm, None),
-        (f"{name} nucleus sampling (p=0.95)", decode("nucleus", p=0.95), lm, None),
+        (f"{name} top-k sampling (k=40)", decode("top_k", k=40, seed=0), lm, None),
+        (f"{name} nucleus sampling (p=0.95)", decode("nucleus", p=0.95, seed=0), lm, None),
         (f"{name} contrastive (k={k})", decode("contrastive"), lm, None),
         (f"{name} MAGIC (k={k})", decode("magic"), lm, clip),
         (f"{name} MAGIC, no trace", decode("magic", record=False), lm, clip),
@@ -187,14 +191,14 @@ def bench_models(lm: LanguageModel, clip: ImageTextMatcher, name: str, batches: 
         (f"{name} MAGIC, no CLIP reuse across steps", _with_clip(clip, decode("magic"), remember_prefixes=False),
          lm, clip),
         # every candidate text encoded in full (trimmed to the longest)
-        (f"{name} MAGIC, no CLIP prefix sharing", _with_clip(clip, decode("magic"), _blocks=None), lm, clip),
+        (f"{name} MAGIC, no CLIP prefix sharing", _with_clip(clip, decode("magic"), share_prefix=False), lm, clip),
     ]
     runs += [(f"{name} MAGIC batch {b}", decode("magic", batch=b), lm, clip) for b in batches if b > 1]
     if max(batches) > 1:  # what the trace and the prefix sharing cost or save at the largest batch
         top = max(batches)
         runs.append((f"{name} MAGIC batch {top}, no trace", decode("magic", batch=top, record=False), lm, clip))
         runs.append((f"{name} MAGIC batch {top}, no CLIP prefix sharing",
-                     _with_clip(clip, decode("magic", batch=top), _blocks=None), lm, clip))
+                     _with_clip(clip, decode("magic", batch=top), share_prefix=False), lm, clip))
     runs.append((f"{name} authors-style loop", _as_generations(
         lambda: authors_style_magic(lm, clip, images[0], k=k, alpha=alpha, beta=beta, max_new_tokens=tokens)),
         lm, clip))
@@ -255,6 +259,55 @@ def step_latency(lm: LanguageModel, clip: ImageTextMatcher, k: int, alpha: float
         s.step()
         times.append(time.perf_counter() - t)
     return 1000 * sorted(times)[len(times) // 2]
+
+
+# -- memory ------------------------------------------------------------------------------------
+def _rss_peak_kib() -> tuple[int, int]:
+    """(resident, peak resident) KiB of this process (Linux /proc)."""
+    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+def _decode_memory_child(size: str, tokens: int, history: bool, device: str, out: Any) -> None:
+    """In a fresh process: the peak memory (MiB above the loaded model) and seconds of one
+    contrastive decode (k = 5, alpha = 0.6, no trace) of ``tokens`` tokens."""
+    from ..decoding import Stepper
+    from .random_models import gpt2_small, random_language_model
+
+    torch.set_num_threads(1)
+    lm = gpt2_small() if size == "paper-size" else random_language_model(n_positions=1024)
+    lm.model.to(device)
+    gc.collect()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 1024
+    else:
+        base = _rss_peak_kib()[0]
+        with open("/proc/self/clear_refs", "w") as f:  # the peak starts again from here
+            f.write("5")
+    t = time.perf_counter()
+    Stepper(lm, "contrastive", k=5, alpha=0.6, max_new_tokens=tokens, stop_at_eos=False, record=False,
+            history=history).run()
+    seconds = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / 1024 if cuda else _rss_peak_kib()[1]
+    out.put(((peak - base) / 1024, seconds))
+
+
+def decode_memory(tokens: int, history: bool = False, size: str = "paper-size", device: str = "cpu"
+                  ) -> tuple[float, float]:
+    """(peak MiB above the loaded model, seconds) of a contrastive decode of ``tokens`` tokens on the
+    GPT-2-small stand-in (``size="tiny"``: a tiny random GPT-2), measured in a fresh process so no
+    earlier allocation hides in the figure; ``history=True`` as a Stepper that can go back keeps."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    child = ctx.Process(target=_decode_memory_child, args=(size, tokens, history, device, out))
+    child.start()
+    result = out.get(timeout=1800)
+    child.join()
+    return result
 
 
 def machine() -> str:
@@ -318,7 +371,7 @@ def summary(timings: list[Timing]) -> list[str]:
 
 
 def run_benchmarks(which: str = "all", device: str | None = None, repeats: int = 3, reference: bool = True,
-                   print_fn: Callable[[str], None] = print) -> dict[str, list[Timing]]:
+                   print_fn: Callable[[str], None] = print, memory: bool = True) -> dict[str, list[Timing]]:
     """Benchmark the toy models and/or the paper-sized random ones; print tables and ratios."""
     from .random_models import clip_vit_b32, gpt2_small
 
@@ -358,6 +411,12 @@ def run_benchmarks(which: str = "all", device: str | None = None, repeats: int =
         print_fn(format_table(timings))
         for line in summary(timings):
             print_fn("  " + line)
+        if memory:
+            for history in (False, True):
+                figures = [(n, *decode_memory(n, history, device=device)) for n in (100, 300)]
+                print_fn(f"  contrastive search (k=5, alpha=0.6, no trace{', history for Back' if history else ''}), "
+                         "peak memory above the model, one thread: "
+                         + ", ".join(f"{n} tokens {mib:.0f} MiB ({s:.1f} s)" for n, mib, s in figures))
     return results
 
 
@@ -369,9 +428,10 @@ def add_bench_command(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is shown)")
     p.add_argument("--no-reference", action="store_true", help="skip the slow reference loop")
+    p.add_argument("--no-memory", action="store_true", help="skip the long decodes' peak memory (paper-size)")
     p.set_defaults(func=_run_bench_command)
 
 
 def _run_bench_command(args: Any) -> int:
-    run_benchmarks(args.models, args.device, args.repeats, not args.no_reference)
+    run_benchmarks(args.models, args.device, args.repeats, not args.no_reference, memory=not args.no_memory)
     return 0

@@ -2,6 +2,7 @@
 
     magic-edu evaluate RESULTS.json [--json] [--spice] [--images DIR [--preset NAME]]
     magic-edu caption IMAGES... --out results.json [--preset toy] [--decoder magic] [--batch-size 8]
+                      [--k K] [--alpha A] [--beta B] [--p P] [--seed S] [--max-new-tokens N] ...
     magic-edu bench [--models toy|paper-size|all]
     magic-edu toy [--report | --tune-only | --quick] [--out data/toy]
 
@@ -13,19 +14,20 @@ The function sets ``func``: called with the parsed arguments, it returns the exi
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import sys
 import warnings
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
-from .bench import add_bench_command
 from ..errors import MagicEduError
+from ..registry import DECODERS, MAX_NEW_TOKENS, Decoder, Param, get_decoder
+from .bench import add_bench_command
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-DECODERS = ("magic", "greedy", "contrastive", "top-k", "nucleus")
+OPTION_ALIASES = {"p": ("--top-p",)}  # older spellings of a parameter's option, still accepted
 
 
 # -- evaluate ------------------------------------------------------------------------------
@@ -43,9 +45,11 @@ def add_evaluate_command(subparsers: Any) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    import magic_edu
+
     from .evaluation import evaluate, table_to_dict
 
-    clip = _load_models(args.preset).clip if args.images else None
+    clip = magic_edu.load_models(args.preset).clip if args.images else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes are printed below instead
         table = evaluate(args.results, clip=clip, images_dir=args.images, spice=args.spice)
@@ -74,15 +78,15 @@ def add_caption_command(subparsers: Any) -> None:
     p.add_argument("images", nargs="+", help="image files and/or folders (their image files, not recursive)")
     p.add_argument("--out", required=True, help="the result file to write (and resume from)")
     p.add_argument("--preset", default="toy", help="model preset for magic_edu.load_models (default: toy)")
-    p.add_argument("--decoder", choices=DECODERS, default="magic")
+    p.add_argument("--decoder", choices=decoder_choices(), default="magic", metavar="DECODER",
+                   help="; ".join(f"{d.name}: {d.label}" + (f" (also {', '.join(d.aliases)})" if d.aliases else "")
+                                  for d in DECODERS.values()) + " (default: magic)")
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default 8)")
-    p.add_argument("--k", type=int, help="candidates per step (default: the preset's; top-k: the decoder's)")
-    p.add_argument("--alpha", type=float, help="degeneration penalty weight (default: the preset's)")
-    p.add_argument("--beta", type=float, help="magic score weight (default: the preset's)")
-    p.add_argument("--max-new-tokens", type=int, help="(default: the preset's)")
-    p.add_argument("--top-p", type=float, help="nucleus sampling's p (default: the decoder's)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="sampling decoders: image NAME gets seed + crc32(NAME), so reruns agree")
+    for name, param in decoder_params().items():
+        p.add_argument(option(name), *OPTION_ALIASES.get(name, ()), dest=name, type=param.kind, default=None,
+                       metavar=name.upper(), help=_param_help(name, param))
+    p.add_argument(option(MAX_NEW_TOKENS.name), dest=MAX_NEW_TOKENS.name, type=int, default=None, metavar="N",
+                   help=f"{MAX_NEW_TOKENS.help} (default: the preset's, else {MAX_NEW_TOKENS.default})")
     p.add_argument("--references", metavar="REFS.json",
                    help='reference captions: {"image_name": ["ref", ...]} or a result-format list')
     p.set_defaults(func=run_caption)
@@ -95,6 +99,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise MagicEduError(f"--batch-size must be at least 1; got {args.batch_size}")
+    decoder, _ = decoder_arguments(args)  # a bad setting fails here, before any model loads
     out = Path(args.out)
     skipped_path = out.with_name(out.stem + ".skipped.json")
     found, skipped = collect_images(args.images)
@@ -110,9 +115,11 @@ def run_caption(args: argparse.Namespace) -> int:
 
     try:
         if todo:
-            models = _load_models(args.preset)
+            import magic_edu
+
+            models = magic_edu.load_models(args.preset)
             decode = make_decoder(args, models)
-            with tqdm(total=len(todo), unit="img", desc=f"caption ({args.decoder})", file=sys.stderr) as bar:
+            with tqdm(total=len(todo), unit="img", desc=f"caption ({decoder.name})", file=sys.stderr) as bar:
                 for start in range(0, len(todo), args.batch_size):
                     batch = todo[start:start + args.batch_size]
                     new, failed = caption_batch(batch, decode, refs)
@@ -223,58 +230,98 @@ def read_references(path: str) -> dict[str, list[str]]:
     return refs
 
 
-def make_decoder(args: argparse.Namespace, models: Any) -> Callable[[list, list[str]], list[str]]:
-    """A function (images, image names) -> captions for ``args.decoder``.
+def decoder_choices() -> list[str]:
+    """What ``--decoder`` accepts: every registry decoder's name and aliases."""
+    return [*DECODERS, *(alias for d in DECODERS.values() for alias in d.aliases)]
 
-    MAGIC decodes the images as one batch. The other decoders do not look at the image:
-    greedy and contrastive search give one caption for all (computed once), the samplers
-    one per image from the seed ``args.seed + crc32(name)``.
+
+def decoder_params() -> dict[str, Param]:
+    """Every parameter name of the registry's decoders: one option each. Its description: the first
+    one that takes the preset's value (the shared meaning, e.g. k as candidates), else the first."""
+    params: dict[str, Param] = {}
+    for decoder in DECODERS.values():
+        for param in decoder.params:
+            if param.name not in params or (param.from_preset and not params[param.name].from_preset):
+                params[param.name] = param
+    return params
+
+
+def option(name: str) -> str:
+    """A parameter's command-line option: clip_text_max_len -> --clip-text-max-len."""
+    return "--" + name.replace("_", "-")
+
+
+def _param_help(name: str, param: Param) -> str:
+    if name == "seed":
+        return ("sampling decoders: image NAME gets seed + crc32(NAME), so reruns and batch sizes agree "
+                "(default 0)")
+    defaults = []
+    for d in DECODERS.values():
+        if name in d.param_names:
+            q = d.param(name)
+            defaults.append(f"{d.name}: " + ("the preset's, else " if q.from_preset else "") + f"{q.default}")
+    return f"{param.help} (default {'; '.join(defaults)})"
+
+
+def decoder_arguments(args: argparse.Namespace) -> tuple[Decoder, dict[str, Any]]:
+    """The decoder ``--decoder`` names and the keyword arguments the command line gives it: the
+    parameters given, and nothing for those not given (the preset's setting or the registry's
+    default then applies). A parameter the decoder does not take, or a value out of its range,
+    is a :class:`MagicEduError` naming the option. A sampling decoder's seed is left out: each
+    image gets its own (:func:`image_seed`)."""
+    decoder = get_decoder(args.decoder)
+    given = {name: getattr(args, name, None) for name in decoder_params()}
+    unknown = [name for name, value in given.items() if value is not None and name not in decoder.param_names]
+    if unknown:
+        takes = ", ".join(option(n) for n in decoder.param_names) or "none of the decoder options"
+        raise MagicEduError(f"{option(unknown[0])}: --decoder {decoder.name} ({decoder.label}) does not take it; "
+                            f"it takes {takes}")
+    decoder.settings(given)  # every value in its range
+    kwargs = {name: value for name, value in given.items() if value is not None}
+    if decoder.samples:
+        kwargs.pop("seed", None)
+    length = getattr(args, MAX_NEW_TOKENS.name, None)
+    if length is not None:
+        kwargs[MAX_NEW_TOKENS.name] = MAX_NEW_TOKENS.check(length)
+    return decoder, kwargs
+
+
+def make_decoder(args: argparse.Namespace, models: Any) -> Callable[[list, list[str]], list[str]]:
+    """A function (images, image names) -> captions for ``args.decoder``, which runs the registry's
+    ``function`` of that decoder (from :mod:`magic_edu`) without recording a trace.
+
+    A sampling decoder decodes image by image, with the seed :func:`image_seed` of the image's
+    name (so the batch size changes no caption). A decoder that needs the image decodes each
+    batch as one. The others do not look at the image: one caption, computed once, fits all.
     """
     import magic_edu
 
-    defaults = dict(getattr(models, "defaults", {}) or {})
+    decoder, kwargs = decoder_arguments(args)
+    fn = getattr(magic_edu, decoder.function)
+    kwargs["record"] = False  # no trace needed here; saves time
+    lm, clip = models.lm, (models.clip if decoder.needs_image else None)
 
-    def setting(key: str) -> Any:
-        value = getattr(args, key)
-        return defaults.get(key) if value is None else value
-
-    def kwargs(fn: Callable, **kw: Any) -> dict[str, Any]:
-        kw = {k: v for k, v in kw.items() if v is not None}
-        if "record" in inspect.signature(fn).parameters:
-            kw["record"] = False  # no trace needed here; saves time
-        return kw
-
-    lm, length = models.lm, setting("max_new_tokens")
-    if args.decoder == "magic":
-        fn = magic_edu.magic_search
-        kw = kwargs(fn, k=setting("k"), alpha=setting("alpha"), beta=setting("beta"), max_new_tokens=length)
+    if decoder.samples:
+        seed = 0 if args.seed is None else args.seed
+        image_args = (lambda image: (clip, image)) if decoder.needs_image else (lambda image: ())
 
         def decode(images: list, names: list[str]) -> list[str]:
-            out = fn(lm, models.clip, list(images), **kw)
+            return [fn(lm, *image_args(image), seed=image_seed(seed, name), **kwargs).text
+                    for image, name in zip(images, names)]
+        return decode
+
+    if decoder.needs_image:
+        def decode(images: list, names: list[str]) -> list[str]:
+            out = fn(lm, clip, list(images), **kwargs)
             return [g.text for g in (out if isinstance(out, (list, tuple)) else [out])]
         return decode
 
-    if args.decoder in ("greedy", "contrastive"):
-        if args.decoder == "greedy":
-            fn, kw = magic_edu.greedy_search, {"max_new_tokens": length}
-        else:
-            fn, kw = magic_edu.contrastive_search, {"k": setting("k"), "alpha": setting("alpha"),
-                                                   "max_new_tokens": length}
-        cache: list[str] = []
-
-        def decode(images: list, names: list[str]) -> list[str]:
-            if not cache:
-                cache.append(fn(lm, **kwargs(fn, **kw)).text)
-            return cache * len(names)
-        return decode
-
-    if args.decoder == "top-k":
-        fn, kw = magic_edu.top_k_sampling, {"k": args.k, "max_new_tokens": length}
-    else:
-        fn, kw = magic_edu.nucleus_sampling, {"p": args.top_p, "max_new_tokens": length}
+    cache: list[str] = []
 
     def decode(images: list, names: list[str]) -> list[str]:
-        return [fn(lm, seed=image_seed(args.seed, n), **kwargs(fn, **kw)).text for n in names]
+        if not cache:
+            cache.append(fn(lm, **kwargs).text)
+        return cache * len(names)
     return decode
 
 
@@ -283,19 +330,10 @@ def image_seed(seed: int, name: str) -> int:
     return (seed + zlib.crc32(name.encode("utf-8"))) % 2**32
 
 
-def _load_models(preset: str) -> Any:
-    import magic_edu
-
-    load = getattr(magic_edu, "load_models", None)
-    if load is None:
-        raise MagicEduError("magic_edu.load_models is not available in this version")
-    return load(preset)
-
-
 # -- toy -----------------------------------------------------------------------------------
 def add_toy_command(subparsers: Any) -> None:
     """``magic-edu toy``: train the toy world's models, or print their results table."""
-    from ..toyworld.training import add_toy_command as add
+    from ..toyworld.train import add_toy_command as add
 
     add(subparsers)
 

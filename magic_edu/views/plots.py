@@ -15,7 +15,8 @@ and nothing leaks). Colours are the Okabe-Ito palette and colour-blind safe colo
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib import colormaps, patheffects, transforms
@@ -23,9 +24,19 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.figure import SubFigure
 
-from ..tools.analysis import (TraceLike, as_trace, chosen_ids, degeneration_matrix, divergence_step, score_parts, token_label)
 from ..errors import MagicEduError
 from ..inputs import ImageLike, load_image
+from ..tools.analysis import (
+    TraceLike,
+    as_trace,
+    chosen_ids,
+    degeneration_matrix,
+    divergence_step,
+    score_parts,
+    scores_candidates,
+    token_label,
+    trace_decoder,
+)
 from ..trace import StepRecord, Trace
 
 
@@ -42,9 +53,9 @@ OKABE_ITO = {
     "orange": "#E69F00", "sky": "#56B4E9", "green": "#009E73", "yellow": "#F0E442",
     "blue": "#0072B2", "vermillion": "#D55E00", "purple": "#CC79A7", "black": "#000000", "grey": "#999999",
 }
-LM_STYLE = dict(color=OKABE_ITO["blue"], hatch="")
-PENALTY_STYLE = dict(color=OKABE_ITO["vermillion"], hatch="///")
-CLIP_STYLE = dict(color=OKABE_ITO["green"], hatch="...")
+LM_STYLE = {"color": OKABE_ITO["blue"], "hatch": ""}
+PENALTY_STYLE = {"color": OKABE_ITO["vermillion"], "hatch": "///"}
+CLIP_STYLE = {"color": OKABE_ITO["green"], "hatch": "..."}
 CHOSEN_MARK = "▶ "
 VIRIDIS = colormaps["viridis"].with_extremes(bad="white")  # perceptually uniform, colour-blind safe
 CIVIDIS = colormaps["cividis"].with_extremes(bad="white")
@@ -82,7 +93,14 @@ def _step_index(trace: Trace, step: int) -> int:
 
 
 def _is_candidate_trace(trace: Trace) -> bool:
-    return trace.settings.get("decoder") in ("contrastive", "magic")
+    """Whether the trace's decoder scores candidates (the registry says; an unknown one does not)."""
+    return scores_candidates(trace)
+
+
+def _uses_clip(trace: Trace) -> bool:
+    """Whether the trace's decoder scores candidates with CLIP (it needs the image)."""
+    decoder = trace_decoder(trace)
+    return decoder is not None and decoder.needs_image
 
 
 def _has_clip(record: StepRecord) -> bool:
@@ -169,7 +187,7 @@ def plot_step(trace: TraceLike, step: int = -1, *, ax: Axes | None = None, max_c
 
     if _is_candidate_trace(trace):
         ax.barh(y, widths["lm"], edgecolor=edge, linewidth=lw, label=LM_LABEL, **LM_STYLE)
-        if trace.settings.get("decoder") == "magic":
+        if _uses_clip(trace):
             ax.barh(y, widths["clip"], left=widths["lm"], edgecolor=edge, linewidth=lw, label=CLIP_LABEL,
                     **CLIP_STYLE)
         ax.barh(y, widths["penalty"], edgecolor=edge, linewidth=lw, label=PENALTY_LABEL, **PENALTY_STYLE)
@@ -440,8 +458,8 @@ def plot_decoders(traces: Sequence[TraceLike] | Mapping[str, TraceLike], labels:
             leaving = row > 0 and t == leaves[row]
             ax.text(t, row, _token(record.chosen_token, 9), ha="center", va="center", fontsize=8,
                     fontweight="bold" if leaving else "normal",
-                    bbox=dict(boxstyle="round,pad=0.25", facecolor="#DDDDDD" if shared else "white",
-                              edgecolor=OKABE_ITO["grey"] if shared else "black", linewidth=2.2 if leaving else 0.8))
+                    bbox={"boxstyle": "round,pad=0.25", "facecolor": "#DDDDDD" if shared else "white",
+                          "edgecolor": OKABE_ITO["grey"] if shared else "black", "linewidth": 2.2 if leaving else 0.8})
     if split is not None:
         ax.axvline(split - 0.5, color=OKABE_ITO["vermillion"], linestyle="--", linewidth=2,
                    label=f"step {split}: explained in the table")

@@ -21,27 +21,31 @@ import math
 import random
 import statistics
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ipywidgets as W
 import pandas as pd
 from PIL import Image
 
-from ..tools import analysis
-from . import plots
-from ..toyworld import shapes
-from ..decoding import DECODERS, Stepper
+from ..decoding import Stepper
 from ..errors import MagicEduError
 from ..photos import list_sample_photos, load_sample_photo, load_user_image
-from .plots import Figure
 from ..presets import ModelSet
+from ..registry import DECODERS, MAX_NEW_TOKENS, Decoder, Param, get_decoder
+from ..tools import analysis
+from ..toyworld import shapes
+from ..toyworld.shapes import HELD_OUT_SEED
 from ..trace import Generation, StepRecord, Trace
+from . import plots
+from .plots import Figure
 
-SCENE_SEEDS = 9_000_000  # the toy world's held-out seeds (training used seeds below 1,000,000)
 PLOT_DPI = 72
 PNG_CACHE = 64  # step plots kept, so Back and the step slider redraw nothing
 MAX_SWEEP = 300  # most settings one sweep may decode
-COMPARED = ("greedy", "contrastive", "magic")
+REFERENCE = "greedy"  # CompareDecoders marks where each decoder leaves this one's path
+SWEPT = "magic"  # the decoder Sweep runs over a grid of its k, alpha and beta
+LABELS = {"alpha": "alpha α", "beta": "beta β", "clip_text_max_len": "CLIP text max len"}  # else the name
 
 ERROR_STYLE = "border-left:4px solid #D55E00;background:#FFF1E6;padding:4px 8px;margin:2px 0"
 INFO_STYLE = "border-left:4px solid #0072B2;background:#EAF4FB;padding:4px 8px;margin:2px 0"
@@ -116,6 +120,29 @@ def _number_list(text: str, name: str, cast: Callable[[str], Any]) -> list:
         raise MagicEduError(f"{name}: {text!r} is not a list of numbers separated by commas") from None
 
 
+def _checked_values(text: str, field: str, param: Param, vocab_size: int | None = None) -> list:
+    """'0, 0.1, 0.5' -> [0.0, 0.1, 0.5], each value in ``param``'s range; a MagicEduError naming
+    ``field`` and the range otherwise."""
+    values = _number_list(text, field, param.kind)
+    for value in values:
+        try:
+            param.check(value, vocab_size)
+        except MagicEduError:
+            raise MagicEduError(f"{field}: every {param.name} must be {_allowed(param, vocab_size)}; "
+                                f"got {value:g}") from None
+    return values
+
+
+def _allowed(param: Param, vocab_size: int | None = None) -> str:
+    """``param``'s range in words: 'between 0 and 1', 'a number >= 0', 'a number in (0, 1]'."""
+    high = vocab_size if param.high == "vocab" else param.high
+    if param.low_open:
+        return f"a number in ({param.low:g}, {high:g}]" if high is not None else f"a number > {param.low:g}"
+    if high is None:
+        return f"{'an integer' if param.kind is int else 'a number'} >= {param.low:g}"
+    return f"between {param.low:g} and {high:g}"
+
+
 def _prompt(text: str) -> str | None:
     return text if text.strip() else None
 
@@ -127,21 +154,104 @@ def _default_length(models: ModelSet) -> int:
         return int(models.defaults.get("max_new_tokens", 16))
 
 
-def _slider_settings(models: ModelSet) -> dict[str, W.Widget]:
-    """k, alpha, beta and length sliders set to the model set's defaults."""
-    d, lm = models.defaults, models.lm
-    length = _default_length(models)
-    style = {"description_width": "60px"}
-    return {
-        "k": W.IntSlider(value=int(d["k"]), min=1, max=min(lm.vocab_size, max(50, 2 * int(d["k"]))),
-                         description="k", continuous_update=False, style=style),
-        "alpha": W.FloatSlider(value=float(d["alpha"]), min=0.0, max=1.0, step=0.05, description="alpha α",
-                               continuous_update=False, style=style),
-        "beta": W.FloatSlider(value=float(d["beta"]), min=0.0, max=max(5.0, 2 * float(d["beta"])), step=0.05,
-                              description="beta β", continuous_update=False, style=style),
-        "length": W.IntSlider(value=length, min=1, max=max(length, min(lm.context_length - 1, 128)),
-                              description="length", continuous_update=False, style=style),
-    }
+def _length_slider(models: ModelSet) -> W.IntSlider:
+    """The length (max_new_tokens) slider, set to the model set's length."""
+    cap = max(1, models.lm.context_length - 1)
+    return _slider(MAX_NEW_TOKENS, _default_length(models), "length", cap)
+
+
+def _slider(param: Param, value: Any, description: str, cap: int | None = None) -> W.Widget:
+    """A slider for ``param`` from its ``slider`` (min, max, step), widened to take ``value``
+    (max at least twice the value, min at most the value) but never past the allowed range."""
+    lo, hi, step = param.slider
+    high = cap if param.high == "vocab" else param.high
+    if high is None:
+        high = cap
+    hi = max(hi, 2 * value)
+    if high is not None:
+        hi = min(hi, high)
+    lo = min(lo, value)
+    style = {"description_width": "60px" if len(description) <= 8 else "initial"}
+    if param.kind is int:
+        return W.IntSlider(value=int(value), min=int(lo), max=int(hi), step=max(1, int(step)),
+                           description=description, tooltip=param.help, continuous_update=False, style=style)
+    return W.FloatSlider(value=float(value), min=float(lo), max=float(hi), step=float(step), description=description,
+                         tooltip=param.help, continuous_update=False, style=style)
+
+
+def _param_controls(models: ModelSet, main: str) -> dict[str, W.Widget]:
+    """One control per parameter name of the registry's decoders: a slider where the registry
+    gives one (sliders first), else a number box. It starts at the model set's preset value
+    for parameters that take one, else at the default of ``main`` (the widget's first
+    decoder), else at the first default the registry gives (a box without one starts at its
+    lowest value: the seed at 0)."""
+    params: dict[str, list[Param]] = {}
+    for decoder in DECODERS.values():
+        for param in decoder.params:
+            params.setdefault(param.name, []).append(param)
+    main_params = {p.name: p for p in DECODERS[main].params} if main in DECODERS else {}
+    preset = models.defaults or {}
+    sliders, boxes = {}, {}
+    for name, ps in params.items():
+        shown = next((p for p in ps if p.slider is not None), ps[0])
+        if any(p.from_preset for p in ps) and preset.get(name) is not None:
+            value = preset[name]
+        elif name in main_params and main_params[name].default is not None:
+            value = main_params[name].default
+        else:
+            value = next((p.default for p in ps if p.default is not None), shown.low or 0)
+        description = LABELS.get(name, name)
+        if shown.slider is not None:
+            sliders[name] = _slider(shown, value, description, cap=models.lm.vocab_size)
+        else:
+            box = W.IntText if shown.kind is int else W.FloatText
+            boxes[name] = box(value=value, description=description, tooltip=shown.help,
+                              style={"description_width": "60px" if len(description) <= 8 else "initial"},
+                              layout=W.Layout(width="220px"))
+    return {**sliders, **boxes}
+
+
+def _expose(widget: W.Widget, controls: dict[str, W.Widget]) -> None:
+    """``widget.k``, ``widget.alpha``, ...: each control as an attribute too (unless the name is taken)."""
+    for name, control in controls.items():
+        if not hasattr(widget, name):
+            setattr(widget, name, control)
+
+
+def _settings_column(controls: dict[str, W.Widget], length: W.Widget) -> list[W.Widget]:
+    """The parameters' sliders, the length slider, then the parameters' number boxes."""
+    sliders = [c for c in controls.values() if isinstance(c, (W.IntSlider, W.FloatSlider))]
+    return [*sliders, length, *(c for c in controls.values() if c not in sliders)]
+
+
+def _decoder_kwargs(decoder: Decoder, controls: dict[str, W.Widget], models: ModelSet, image: Any) -> dict[str, Any]:
+    """``decoder``'s keyword arguments for :class:`Stepper`: each of its parameters from the control
+    of that name (a parameter without one takes the preset's or the registry's default), and
+    ``clip`` and ``image`` if it needs the image."""
+    kwargs: dict[str, Any] = {name: controls[name].value for name in decoder.param_names if name in controls}
+    if decoder.needs_image:
+        if image is None:
+            raise MagicEduError(f"image: {decoder.label} needs an image; pick a toy scene or a sample photo, "
+                                "or upload one")
+        kwargs.update(clip=models.clip, image=image)
+    return kwargs
+
+
+def _enable(controls: dict[str, W.Widget], decoders: Sequence[Decoder]) -> None:
+    """Enable a control iff one of ``decoders`` has a parameter of its name."""
+    used = {name for d in decoders for name in d.param_names}
+    for name, control in controls.items():
+        control.disabled = name not in used
+
+
+def compared_decoders() -> list[str]:
+    """The decoders :class:`CompareDecoders` always runs: every registry decoder that does not sample."""
+    return [d.name for d in DECODERS.values() if not d.samples]
+
+
+def sampling_decoders() -> list[Decoder]:
+    """The registry's sampling decoders (CompareDecoders runs one of them, chosen)."""
+    return [d for d in DECODERS.values() if d.samples]
 
 
 # -- the image picker ------------------------------------------------------------------------------
@@ -152,7 +262,7 @@ class ImagePicker(W.VBox):
     ``callback()`` whenever it changes; ``picker.set_image(img)`` uses any image of your own.
     """
 
-    def __init__(self, models: ModelSet | None = None, *, source: str | None = None, seed: int = SCENE_SEEDS,
+    def __init__(self, models: ModelSet | None = None, *, source: str | None = None, seed: int = HELD_OUT_SEED,
                  photo: str = "chelsea") -> None:
         toy = models is None or models.name.startswith("toy")
         photos = list(list_sample_photos())
@@ -190,7 +300,7 @@ class ImagePicker(W.VBox):
         self._set(load_user_image(image), description)
 
     def _new_scene(self) -> None:
-        self.seed.value = self._rng.randrange(SCENE_SEEDS, SCENE_SEEDS + 1_000_000)  # triggers _load
+        self.seed.value = self._rng.randrange(HELD_OUT_SEED, HELD_OUT_SEED + 1_000_000)  # triggers _load
 
     def _use(self, source: str) -> None:
         """A control of ``source`` changed: switch to that source (which loads), or load."""
@@ -266,21 +376,18 @@ class StepThrough(W.VBox):
     """
 
     def __init__(self, models: ModelSet, image: Any = None, *, decoder: str = "magic", plot: bool = True) -> None:
-        if decoder not in DECODERS:
-            raise MagicEduError(f"decoder must be one of {', '.join(DECODERS)}; got {decoder!r}")
+        decoder = get_decoder(decoder).name
         self.models = models
         self.picker = ImagePicker(models)
         if image is not None:
             self.picker.set_image(image)
-        sliders = _slider_settings(models)
-        self.k, self.alpha, self.beta, self.length = (sliders[n] for n in ("k", "alpha", "beta", "length"))
+        self.controls = _param_controls(models, decoder)  # one per registry parameter: k, alpha, beta, p, seed, ...
+        self.length = _length_slider(models)
         style = {"description_width": "60px"}
-        self.decoder = W.Dropdown(options=list(DECODERS), value=decoder, description="decoder", style=style)
+        self.decoder = W.Dropdown(options=[(d.label, d.name) for d in DECODERS.values()], value=decoder,
+                                  description="decoder", style=style)
         self.prompt = W.Text(value=models.prompt or "", description="prompt", placeholder="(none)",
                              continuous_update=False, style=style)
-        self.p = W.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="p", continuous_update=False,
-                               style=style)
-        self.seed = W.IntText(value=0, description="seed", style=style, layout=W.Layout(width="180px"))
         self.next_button = W.Button(description="Next", icon="step-forward", button_style="primary")
         self.back_button = W.Button(description="Back", icon="step-backward")
         self.reset_button = W.Button(description="Reset", icon="undo")
@@ -301,7 +408,8 @@ class StepThrough(W.VBox):
         self._png_cache: dict[int, tuple[StepRecord, bytes]] = {}  # id(record) -> (record, its plot)
         self._syncing = False
 
-        settings = W.VBox([self.decoder, self.prompt, self.k, self.alpha, self.beta, self.p, self.length, self.seed])
+        _expose(self, self.controls)
+        settings = W.VBox([self.decoder, self.prompt, *_settings_column(self.controls, self.length)])
         buttons = _row([self.next_button, self.back_button, self.reset_button, self.run_button, self.view])
         body = _row([self.table, self.plot] if plot else [self.table])
         super().__init__([_row([self.picker, settings]), buttons, self.message, self.text_view, body])
@@ -310,7 +418,7 @@ class StepThrough(W.VBox):
         self.back_button.on_click(lambda _: self.back())
         self.reset_button.on_click(lambda _: self.reset())
         self.run_button.on_click(lambda _: self.run_to_end())
-        for control in (self.decoder, self.prompt, self.k, self.alpha, self.beta, self.p, self.length, self.seed):
+        for control in (self.decoder, self.prompt, self.length, *self.controls.values()):
             control.observe(lambda _: self.restart(), names="value")
         self.view.observe(self._view_changed, names="value")
         self.picker.on_change(self.restart)
@@ -381,14 +489,9 @@ class StepThrough(W.VBox):
         self._render()
 
     def _new_stepper(self) -> Stepper:
-        decoder = self.decoder.value
-        image = self.picker.image
-        if decoder == "magic" and image is None:
-            raise MagicEduError("image: MAGIC needs an image; pick a toy scene or a sample photo, or upload one")
-        return Stepper(self.models.lm, decoder, clip=self.models.clip if decoder == "magic" else None,
-                       image=image if decoder == "magic" else None, prompt=_prompt(self.prompt.value),
-                       k=self.k.value, alpha=self.alpha.value, beta=self.beta.value, p=self.p.value,
-                       seed=self.seed.value, max_new_tokens=self.length.value)
+        decoder = get_decoder(self.decoder.value)
+        return Stepper(self.models.lm, decoder.name, prompt=_prompt(self.prompt.value), max_new_tokens=self.length.value,
+                       **_decoder_kwargs(decoder, self.controls, self.models, self.picker.image))
 
     def _need_stepper(self) -> Stepper:
         if self.stepper is None:
@@ -396,10 +499,8 @@ class StepThrough(W.VBox):
         return self.stepper
 
     def _enable_controls(self) -> None:
-        uses = {"k": ("top_k", "contrastive", "magic"), "alpha": ("contrastive", "magic"), "beta": ("magic",),
-                "p": ("nucleus",), "seed": ("top_k", "nucleus")}
-        for name, decoders in uses.items():
-            getattr(self, name).disabled = self.decoder.value not in decoders
+        """A parameter's control is enabled iff the chosen decoder has that parameter."""
+        _enable(self.controls, [get_decoder(self.decoder.value)])
 
     @guarded
     def _view_changed(self, change: dict) -> None:
@@ -517,7 +618,8 @@ class StepThrough(W.VBox):
     def snapshot(self) -> Figure:
         """A static Figure of the current view: the image, the text so far and the shown step."""
         record = self.shown_record()
-        image = self.picker.image if self.decoder.value == "magic" else None
+        decoder = get_decoder(self.decoder.value)
+        image = self.picker.image if decoder.needs_image else None
         fig = Figure(figsize=(11.0, 1.6 + 0.3 * (min(record.k, 20) if record else 4)), layout="constrained")
         left, right = fig.subfigures(1, 2, width_ratios=[1, 3])
         ax_img = left.subplots()
@@ -526,7 +628,7 @@ class StepThrough(W.VBox):
             ax_img.imshow(image)
             ax_img.set_title(self.picker.description, fontsize=8)
         else:
-            ax_img.text(0.5, 0.5, f"({self.decoder.value} does not\nlook at the image)", ha="center", va="center",
+            ax_img.text(0.5, 0.5, f"({decoder.label} does not\nlook at the image)", ha="center", va="center",
                         fontsize=8)
         ax = right.subplots()
         if record is not None:
@@ -547,28 +649,35 @@ def _fmt(x: float) -> str:
 
 # -- decoders side by side -----------------------------------------------------------------------------
 class CompareDecoders(W.VBox):
-    """Greedy, contrastive, MAGIC and a sampling decoder on the same image (and prompt): their
-    outputs, where their paths split, and per output its LM log-likelihood, the CLIP score
-    (cosine) of the whole caption and its repeated n-grams.
+    """Every decoder of the registry that does not sample (greedy, contrastive, MAGIC) and one
+    sampling decoder (chosen) on the same image (and prompt): their outputs, where their paths
+    split, and per output its LM log-likelihood, the CLIP score (cosine) of the whole caption
+    and its repeated n-grams.
 
-    ``divergence`` is the step where greedy, contrastive and MAGIC stop agreeing (the sampler is
-    left out: it is random); ``leaves[name]`` is the step where a decoder leaves greedy's path.
-    Contrastive search uses MAGIC's k and alpha, so the two differ only by CLIP (beta).
+    ``divergence`` is the step where the decoders that do not sample stop agreeing (the sampler
+    is left out: it is random); ``leaves[name]`` is the step where a decoder leaves greedy's path.
+    The decoders share one control per parameter: contrastive search uses MAGIC's k and alpha,
+    so the two differ only by CLIP (beta).
     """
 
     def __init__(self, models: ModelSet, image: Any = None, *, sampler: str = "top_k", seed: int = 0) -> None:
+        samplers = sampling_decoders()
+        chosen = get_decoder(sampler)
+        if not chosen.samples:
+            raise MagicEduError(f"sampler must be one of {', '.join(d.name for d in samplers)}; got {sampler!r}")
         self.models = models
         self.picker = ImagePicker(models)
         if image is not None:
             self.picker.set_image(image)
-        sliders = _slider_settings(models)
-        self.k, self.alpha, self.beta, self.length = (sliders[n] for n in ("k", "alpha", "beta", "length"))
+        self.controls = _param_controls(models, "magic")  # one per registry parameter, shared by the decoders
+        if "seed" in self.controls:
+            self.controls["seed"].value = seed
+        self.length = _length_slider(models)
         style = {"description_width": "60px"}
         self.prompt = W.Text(value=models.prompt or "", description="prompt", placeholder="(none)",
                              continuous_update=False, style=style)
-        self.sampler = W.Dropdown(options=[("top-k sampling", "top_k"), ("nucleus sampling (p=0.95)", "nucleus")],
-                                  value=sampler, description="sampling", style=style)
-        self.seed = W.IntText(value=seed, description="seed", style=style, layout=W.Layout(width="180px"))
+        self.sampler = W.Dropdown(options=[(d.label, d.name) for d in samplers], value=chosen.name,
+                                  description="sampling", style=style)
         self.compare_button = W.Button(description="Compare", icon="play", button_style="primary")
         self.message = W.HTML()
         self.summary = W.HTML()
@@ -579,60 +688,58 @@ class CompareDecoders(W.VBox):
         self.divergence: int | None = None
         self.leaves: dict[str, int | None] = {}
 
-        settings = W.VBox([self.prompt, self.k, self.alpha, self.beta, self.length, self.sampler, self.seed,
+        _expose(self, self.controls)
+        settings = W.VBox([self.prompt, self.sampler, *_settings_column(self.controls, self.length),
                            self.compare_button])
         super().__init__([_row([self.picker, settings]), self.message, self.summary, self.table, self.plot])
         self.compare_button.on_click(lambda _: self.compare())
-        for control in (self.prompt, self.k, self.alpha, self.beta, self.length, self.sampler, self.seed):
+        for control in (self.prompt, self.length, self.sampler, *self.controls.values()):
             control.observe(lambda _: self.compare(), names="value")
         self.picker.on_change(self.compare)
         self.compare()
 
     @property
     def names(self) -> list[str]:
-        return [*COMPARED, self.sampler.value]
+        """The decoders compared: every registry decoder that does not sample, then the sampler chosen."""
+        return [*compared_decoders(), self.sampler.value]
 
     @guarded
     def compare(self) -> None:
         """Decode with every decoder and show the results."""
         models, image, prompt = self.models, self.picker.image, _prompt(self.prompt.value)
+        decoders = [get_decoder(name) for name in self.names]
+        _enable(self.controls, decoders)
         if image is None:
             raise MagicEduError("image: pick a toy scene or a sample photo, or upload one")
-        common = dict(prompt=prompt, max_new_tokens=self.length.value)
-        settings = {
-            "greedy": {},
-            "contrastive": dict(k=self.k.value, alpha=self.alpha.value),
-            "magic": dict(k=self.k.value, alpha=self.alpha.value, beta=self.beta.value, clip=models.clip,
-                          image=image),
-            "top_k": dict(k=self.k.value, seed=self.seed.value),
-            "nucleus": dict(p=0.95, seed=self.seed.value),
-        }
-        gens = {name: Stepper(models.lm, name, **settings[name], **common).run()[0] for name in self.names}
+        gens = {d.name: Stepper(models.lm, d.name, prompt=prompt, max_new_tokens=self.length.value,
+                                **_decoder_kwargs(d, self.controls, models, image)).run()[0] for d in decoders}
         self.generations = gens
-        self.divergence = analysis.divergence_step([gens[name].token_ids for name in COMPARED])
-        self.leaves = {name: analysis.divergence_step([gens["greedy"].token_ids, g.token_ids])
-                       for name, g in gens.items() if name != "greedy"}
+        compared = compared_decoders()
+        self.divergence = analysis.divergence_step([gens[name].token_ids for name in compared])
+        self.leaves = {name: analysis.divergence_step([gens[REFERENCE].token_ids, g.token_ids])
+                       for name, g in gens.items() if name != REFERENCE}
         self.frame = compare_frame(models, image, gens, prompt)
         self._render()
 
     def _render(self) -> None:
         split, gens = self.divergence, self.generations
-        three = ", ".join(COMPARED)
+        compared = compared_decoders()
+        three = ", ".join(compared)
         if split is None:
             summary = f"{three} wrote the same tokens."
         else:
             took = ", ".join(f"{name} took “{html.escape(analysis.token_label(g.trace.steps[split].chosen_token))}”"
                              if split < len(g.trace.steps) else f"{name} had ended"
-                             for name, g in gens.items() if name in COMPARED)
+                             for name, g in gens.items() if name in compared)
             summary = f"{three} split at step {split}: {took}."
-        sampler, leaves = self.sampler.value, self.leaves.get(self.sampler.value)
-        summary += (f" {sampler} sampling follows the greedy path all the way." if leaves is None
-                    else f" {sampler} sampling leaves the greedy path at step {leaves}.")
+        sampler, leaves = get_decoder(self.sampler.value).label, self.leaves.get(self.sampler.value)
+        summary += (f" {sampler} follows the {REFERENCE} path all the way." if leaves is None
+                    else f" {sampler} leaves the {REFERENCE} path at step {leaves}.")
         self.summary.value = message_html(summary, error=False)
         rows = []
         for (name, gen), (_, r) in zip(gens.items(), self.frame.iterrows()):
-            mark = split if name == "greedy" else self.leaves[name]
-            note = "split" if name == "greedy" else "leaves greedy"
+            mark = split if name == REFERENCE else self.leaves[name]
+            note = "split" if name == REFERENCE else f"leaves {REFERENCE}"
             chips = "".join(chip(s.chosen_token, SPLIT if i == mark else CHIP, note if i == mark else "")
                             for i, s in enumerate(gen.trace.steps))
             repeats = html.escape(r["repeated"]) or "none"
@@ -640,7 +747,8 @@ class CompareDecoders(W.VBox):
                         f"<td>{r['log_likelihood']:.2f}<br><small>{r['log_likelihood_per_token']:.2f} per token</small>"
                         f"</td><td>{r['clip_cosine']:.3f}</td><td>{repeats}</td></tr>")
         self.table.value = ("<table style='border-collapse:collapse' border='1' cellpadding='4'><tr><th>decoder</th>"
-                            "<th>output (tokens; where it leaves the greedy path marked)</th><th>LM log-likelihood</th>"
+                            f"<th>output (tokens; where it leaves the {REFERENCE} path marked)</th>"
+                            "<th>LM log-likelihood</th>"
                             "<th>CLIP cos(image, caption)</th><th>repeated n-grams</th></tr>" + "".join(rows)
                             + "</table>")
         self.plot.value = figure_png(plots.plot_decoders([g.trace for g in gens.values()], list(gens), split=split))
@@ -684,10 +792,10 @@ def compare_frame(models: ModelSet, image: Any, generations: dict[str, Generatio
     for (name, gen), cos in zip(generations.items(), cosines):
         ll = analysis.lm_log_likelihood(models.lm, gen.token_ids, prompt)
         repeated = {**analysis.repeated_ngrams(gen.text, 2), **analysis.repeated_ngrams(gen.text, 3)}
-        rows.append(dict(decoder=name, text=gen.text, tokens=len(gen.token_ids), log_likelihood=ll,
-                         log_likelihood_per_token=ll / max(len(gen.token_ids), 1), clip_cosine=float(cos),
-                         repeated_2grams=sum(c - 1 for g, c in repeated.items() if g.count(" ") == 1),
-                         repeated="; ".join(f"“{g}” ×{c}" for g, c in repeated.items())))
+        rows.append({"decoder": name, "text": gen.text, "tokens": len(gen.token_ids), "log_likelihood": ll,
+                         "log_likelihood_per_token": ll / max(len(gen.token_ids), 1), "clip_cosine": float(cos),
+                         "repeated_2grams": sum(c - 1 for g, c in repeated.items() if g.count(" ") == 1),
+                         "repeated": "; ".join(f"“{g}” ×{c}" for g, c in repeated.items())})
     return pd.DataFrame(rows)
 
 
@@ -713,8 +821,10 @@ class Sweep(W.VBox):
         style = {"description_width": "60px"}
         self.alphas = W.Text(value=alphas, description="alphas", style=style)
         self.betas = W.Text(value=betas, description="betas", style=style)
-        self.ks = W.Text(value=ks or str(models.defaults["k"]), description="k values", style=style)
-        self.length = _slider_settings(models)["length"]
+        if ks is None:
+            ks = str(_param_controls(models, SWEPT)["k"].value)  # the preset's k (else MAGIC's default)
+        self.ks = W.Text(value=ks, description="k values", style=style)
+        self.length = _length_slider(models)
         self.prompt = W.Text(value=models.prompt or "", description="prompt", placeholder="(none)", style=style)
         self.value = W.Dropdown(options=[(label, v) for v, label in SWEEP_VALUES.items()], value="clip_cosine",
                                 description="heat map", style=style)
@@ -732,19 +842,11 @@ class Sweep(W.VBox):
         self.value.observe(lambda _: self._render_plot(), names="value")
 
     def grid(self) -> list[tuple[int, float, float]]:
-        """The (k, alpha, beta) settings the sweep decodes, checked."""
-        ks = _number_list(self.ks.value, "k values", int)
-        alphas = _number_list(self.alphas.value, "alphas", float)
-        betas = _number_list(self.betas.value, "betas", float)
-        for a in alphas:
-            if not 0.0 <= a <= 1.0:
-                raise MagicEduError(f"alphas: every alpha must be between 0 and 1; got {a:g}")
-        for b in betas:
-            if not (b >= 0.0 and math.isfinite(b)):
-                raise MagicEduError(f"betas: every beta must be a number >= 0; got {b:g}")
-        for k in ks:
-            if not 1 <= k <= self.models.lm.vocab_size:
-                raise MagicEduError(f"k values: every k must be between 1 and {self.models.lm.vocab_size}; got {k}")
+        """The (k, alpha, beta) settings the sweep decodes, each checked against its range in the registry."""
+        decoder, vocab = DECODERS[SWEPT], self.models.lm.vocab_size
+        ks = _checked_values(self.ks.value, "k values", decoder.param("k"), vocab)
+        alphas = _checked_values(self.alphas.value, "alphas", decoder.param("alpha"), vocab)
+        betas = _checked_values(self.betas.value, "betas", decoder.param("beta"), vocab)
         grid = list(itertools.product(ks, alphas, betas))
         if len(grid) > MAX_SWEEP:
             raise MagicEduError(f"the grid has {len(grid)} settings; at most {MAX_SWEEP} at a time, use fewer values")
@@ -760,12 +862,12 @@ class Sweep(W.VBox):
         self.progress.max, self.progress.value, self.progress.description = len(grid), 0, f"0 / {len(grid)}"
         rows = []
         for i, (k, alpha, beta) in enumerate(grid):
-            gen = Stepper(lm, "magic", clip=clip, image=image, k=k, alpha=alpha, beta=beta, prompt=prompt,
+            gen = Stepper(lm, SWEPT, clip=clip, image=image, k=k, alpha=alpha, beta=beta, prompt=prompt,
                           max_new_tokens=self.length.value, record=False).run()[0]
             ll = analysis.lm_log_likelihood(lm, gen.token_ids, prompt)
-            rows.append(dict(k=k, alpha=alpha, beta=beta, text=gen.text, tokens=len(gen.token_ids),
-                             log_likelihood_per_token=ll / max(len(gen.token_ids), 1),
-                             repeated_2grams=sum(c - 1 for c in analysis.repeated_ngrams(gen.text, 2).values())))
+            rows.append({"k": k, "alpha": alpha, "beta": beta, "text": gen.text, "tokens": len(gen.token_ids),
+                             "log_likelihood_per_token": ll / max(len(gen.token_ids), 1),
+                             "repeated_2grams": sum(c - 1 for c in analysis.repeated_ngrams(gen.text, 2).values())})
             self.progress.value, self.progress.description = i + 1, f"{i + 1} / {len(grid)}"
         frame = pd.DataFrame(rows)
         frame.insert(4, "clip_cosine", analysis.caption_clip_score(clip, image, list(frame["text"])))
