@@ -23,7 +23,7 @@ def object_masks(scene):
     fg = np.abs(img - bg).sum(-1) > 90
     seen = np.zeros_like(fg)
     blobs = []
-    for y, x in zip(*np.nonzero(fg)):
+    for y, x in zip(*np.nonzero(fg), strict=True):
         if seen[y, x]:
             continue
         stack, blob = [(y, x)], []
@@ -146,7 +146,7 @@ def test_pixels_show_what_the_attributes_say(seed):
     for o in scene.objects:
         match = [r for r in read if r[3] == o.position]
         assert len(match) == 1, (o, [r[3] for r in read])
-        colour, shape, area, _, rgb = match[0]
+        colour, shape, _, _, rgb = match[0]
         assert colour == o.colour
         assert np.abs(rgb - shapes.COLOURS[o.colour]).max() < 40  # small jitter only
         assert shape == o.shape, (o, shape)
@@ -156,7 +156,7 @@ def test_large_shapes_are_larger_than_small_ones():
     areas = {"small": [], "large": []}
     for seed in range(120):
         scene = make_scene(2000 + seed, n_objects=1)
-        img, blobs = object_masks(scene)
+        _, blobs = object_masks(scene)
         areas[scene.objects[0].size].append((scene.objects[0].shape, len(blobs[0])))
     for shape in shapes.SHAPES:
         small = [a for s, a in areas["small"] if s == shape]
@@ -275,7 +275,7 @@ def test_perturb_changes_one_thing():
         objs = shapes.sample_objects(rng)
         twin = shapes.perturb(objs, rng)
         assert [o.position for o in twin] == [o.position for o in objs]
-        changed = [a != b for a, b in zip(twin, objs)]
+        changed = [a != b for a, b in zip(twin, objs, strict=True)]
         assert 1 <= sum(changed) <= 2
 
 

@@ -8,15 +8,16 @@ import pytest
 import torch
 
 from magic_edu import ImageTextMatcher, LanguageModel, greedy_search, magic_search
-from magic_edu.toyworld import shapes
-from magic_edu.toyworld import training as tt
+from magic_edu.presets import PAPER_PAD, PAPER_SOS
+from magic_edu.toyworld import report, shapes
+from magic_edu.toyworld.config import STORY_PROMPT
 
 TOY = Path(__file__).resolve().parent.parent / "data" / "toy"
 
 
 @pytest.fixture(scope="module")
 def toy():
-    return tt.load_toy(TOY)
+    return report.load_toy(TOY)
 
 
 def test_files_are_there_and_small():
@@ -80,17 +81,17 @@ def test_clip_tells_colour_and_shape_apart(toy):
     """CLIP alone (no language model): is 'a <colour> <shape>.' the best of the 24 for
     held-out single-object scenes?"""
     _, _, clip, _ = toy
-    scenes = tt.held_out_scenes(48, multi=False)
+    scenes = report.held_out_scenes(48, multi=False)
     labels = [(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
     text = clip.embed_texts([f"{'an' if c == 'orange' else 'a'} {c} {s}." for c, s in labels])
     pred = (clip.embed_image([s.image for s in scenes]) @ text.T).argmax(1).tolist()
-    right = [labels[p] == (s.objects[0].colour, s.objects[0].shape) for p, s in zip(pred, scenes)]
+    right = [labels[p] == (s.objects[0].colour, s.objects[0].shape) for p, s in zip(pred, scenes, strict=True)]
     assert sum(right) / len(right) >= 0.85
 
 
 def test_magic_caption_through_the_library(toy):
     lm, _, clip, defaults = toy
-    scene = tt.held_out_scenes(1, multi=False)[0]
+    scene = report.held_out_scenes(1, multi=False)[0]
     g = magic_search(lm, clip, scene.image, **{k: defaults[k] for k in ("k", "alpha", "beta", "max_new_tokens")})
     assert g.text and g.text.endswith(".")
     assert g.token_ids[-1] == lm.eos_token_id
@@ -99,8 +100,8 @@ def test_magic_caption_through_the_library(toy):
 def test_story_lm_writes_a_story(toy):
     _, story_lm, clip, defaults = toy
     st = defaults["story"]
-    scene = shapes.make_scene(tt.EVAL_SEED + 200_000, n_captions=1)
-    g = magic_search(story_lm, clip, scene.image, prompt=st.get("prompt", tt.STORY_PROMPT),
+    scene = shapes.make_scene(shapes.HELD_OUT_SEED + 200_000, n_captions=1)
+    g = magic_search(story_lm, clip, scene.image, prompt=st.get("prompt", STORY_PROMPT),
                      **{k: st[k] for k in ("k", "alpha", "beta", "max_new_tokens")})
     assert g.text.count(".") >= 2
     assert shapes.named_pairs(g.text)
@@ -111,14 +112,14 @@ def test_magic_grounds_held_out_single_object_scenes(toy):
     """The issue's floor: MAGIC names colour and shape right on >= 70% of held-out
     single-object scenes, fluently; the image-blind greedy caption is far below."""
     lm, _, clip, defaults = toy
-    scenes = tt.held_out_scenes(100, multi=False)
+    scenes = report.held_out_scenes(100, multi=False)
     texts = [g.text for g in magic_search(lm, clip, [s.image for s in scenes], record=False,
                                           **{k: defaults[k] for k in ("k", "alpha", "beta", "max_new_tokens")})]
-    score = tt.score_captions(texts, scenes)
+    score = report.score_captions(texts, scenes)
     assert score["any"] >= 0.7, score
     assert score["fluent"] >= 0.9, score
     greedy = greedy_search(lm, max_new_tokens=defaults["max_new_tokens"]).text
-    assert tt.score_captions([greedy] * len(scenes), scenes)["any"] <= 0.3
+    assert report.score_captions([greedy] * len(scenes), scenes)["any"] <= 0.3
 
 
 @pytest.mark.slow
@@ -129,7 +130,7 @@ def test_miniature_training_runs(tmp_path, capsys):
     assert cli.main(["toy", "--quick", "--out", str(tmp_path), "--threads", "1"]) == 0  # `magic-edu toy`
     summary = json.loads((tmp_path / "training_summary.json").read_text())
     assert summary["megabytes"] < 60
-    lm = LanguageModel.from_pretrained(str(tmp_path / "lm"), sos_token=tt.SOS, pad_token=tt.PAD)
+    lm = LanguageModel.from_pretrained(str(tmp_path / "lm"), sos_token=PAPER_SOS, pad_token=PAPER_PAD)
     clip = ImageTextMatcher.from_pretrained(f"local-dir:{tmp_path / 'clip'}")
     g = magic_search(lm, clip, shapes.make_scene(0).image, k=4, max_new_tokens=5)
     assert len(g.token_ids) <= 5

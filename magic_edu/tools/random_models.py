@@ -84,21 +84,41 @@ def clip_config(
     }
 
 
-def save_random_clip(folder: str | Path, seed: int = 0, **config: Any) -> Path:
-    """Write a random open_clip model as a ``local-dir:`` folder (open_clip_config.json +
-    open_clip_model.safetensors) and return the folder."""
-    import open_clip
+def write_open_clip_config(folder: str | Path, config: dict[str, Any]) -> Path:
+    """Write ``config`` (``model_cfg`` and ``preprocess_cfg``) as the ``open_clip_config.json`` of a
+    ``local-dir:`` folder, creating the folder; return the folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def save_open_clip(model: torch.nn.Module, folder: str | Path, config: dict[str, Any] | None = None,
+                   half: bool = False) -> Path:
+    """Write ``model`` as an open_clip ``local-dir:`` folder: its weights as
+    ``open_clip_model.safetensors`` and, given ``config``, ``open_clip_config.json``. With
+    ``half`` floating point tensors but ``logit_scale`` are stored in half precision (open_clip
+    casts them back on load). Returns the folder."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        write_open_clip_config(folder, config)
+    state = {k: (v.half() if half and v.is_floating_point() and k != "logit_scale" else v).contiguous()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def save_random_clip(folder: str | Path, seed: int = 0, **config: Any) -> Path:
+    """Write a random open_clip model as a ``local-dir:`` folder (open_clip_config.json +
+    open_clip_model.safetensors) and return the folder."""
+    import open_clip
+
     cfg = clip_config(**config)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**cfg)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / "open_clip_model.safetensors"))
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {}}, indent=1))
-    return folder
+    return save_open_clip(open_clip.CLIP(**cfg), folder, {"model_cfg": cfg, "preprocess_cfg": {}})
 
 
 def random_clip(folder: str | Path, seed: int = 0, **config: Any) -> ImageTextMatcher:

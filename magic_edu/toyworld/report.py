@@ -1,0 +1,179 @@
+"""The toy world's results table (the README's): which decoders name what is in the image?
+
+Every decoder of :data:`magic_edu.registry.DECODERS` captions held-out scenes (seeds from
+:data:`~magic_edu.toyworld.shapes.HELD_OUT_SEED`, never seen in training), plus the paper's
+CLIP retrieval baseline; captions are scored for grounding and fluency. Also: the time of one
+toy MAGIC caption, and a few MAGIC stories. ``magic-edu toy --report`` prints all three.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import decoding
+from ..presets import PAPER_PAD, PAPER_SOS
+from ..registry import DECODERS, Decoder
+from . import shapes
+from .config import STORY_PROMPT
+from .tuning import fluent_caption
+
+# The decoders' settings in the table beyond those of defaults.json (which contrastive search and
+# MAGIC take their k, alpha and beta from): the paper's baselines' for the samplers. A sampler's
+# seed is the scene's index.
+BASELINE_SETTINGS = {"top_k": {"k": 40}, "nucleus": {"p": 0.95}}
+CLIP_RETRIEVAL = "CLIP retrieval"  # the paper's baseline, not a decoder: the training caption CLIP scores highest
+MAGIC_BATCH = 50  # images MAGIC decodes at once
+
+
+def load_toy(out: Path):
+    """(caption LM, story LM, CLIP, defaults) of a trained toy folder, through the library's
+    own loaders (the same path as any checkpoint)."""
+    from .. import ImageTextMatcher, LanguageModel
+    from ..models import STORY_PROMPT_FORMAT
+
+    lm = LanguageModel.from_pretrained(str(out / "lm"), sos_token=PAPER_SOS, pad_token=PAPER_PAD)
+    story_dir = out / "lm-story" if (out / "lm-story").is_dir() else out / "lm"
+    story_lm = LanguageModel.from_pretrained(str(story_dir), pad_token=PAPER_PAD, prompt_format=STORY_PROMPT_FORMAT,
+                                             max_sentences=5)
+    clip = ImageTextMatcher.from_pretrained(f"local-dir:{out.resolve() / 'clip'}")
+    defaults = json.loads((out / "defaults.json").read_text())
+    return lm, story_lm, clip, defaults
+
+
+def held_out_scenes(n: int, multi: bool) -> list[shapes.Scene]:
+    """Scenes from held-out seeds, never used in training: single-object, or 2 and 3 objects alternately."""
+    if multi:
+        return [shapes.make_scene(shapes.HELD_OUT_SEED + 100_000 + i, n_objects=2 + i % 2, n_captions=1)
+                for i in range(n)]
+    return [shapes.make_scene(shapes.HELD_OUT_SEED + i, n_objects=1, n_captions=1) for i in range(n)]
+
+
+def decoder_settings(decoder: Decoder, defaults: dict) -> dict:
+    """Every parameter of ``decoder`` as the table uses it: :data:`BASELINE_SETTINGS`, then
+    defaults.json where the registry says a preset applies, then the registry's defaults."""
+    settings, _ = decoder.settings(BASELINE_SETTINGS.get(decoder.name, {}), preset=defaults)
+    return settings
+
+
+def decode_all(lm, clip, defaults: dict, scenes: list[shapes.Scene], retrieval_pool: int = 20_000
+               ) -> dict[str, list[str]]:
+    """Every decoder's caption of every scene, by decoder name, and :data:`CLIP_RETRIEVAL`'s.
+    An image-blind decoder that does not sample writes one caption for all scenes."""
+    mnt = defaults["max_new_tokens"]
+    n = len(scenes)
+    images = [s.image for s in scenes]
+    out = {}
+    for decoder in DECODERS.values():
+        run = getattr(decoding, decoder.function)
+        settings = decoder_settings(decoder, defaults)
+        if decoder.needs_image:
+            gens = []
+            for i in range(0, n, MAGIC_BATCH):
+                gens += run(lm, clip, images[i : i + MAGIC_BATCH], **settings, max_new_tokens=mnt, record=False)
+            out[decoder.name] = [g.text for g in gens]
+        elif decoder.samples:
+            out[decoder.name] = [run(lm, **{**settings, "seed": i}, max_new_tokens=mnt, record=False).text
+                                 for i in range(n)]
+        else:
+            out[decoder.name] = [run(lm, **settings, max_new_tokens=mnt, record=False).text] * n
+    pool = sorted(set(shapes.caption_corpus(range(retrieval_pool), per_scene=1)))
+    with torch.no_grad():
+        text_emb = torch.cat([clip.embed_texts(pool[i : i + 1000]) for i in range(0, len(pool), 1000)])
+        image_emb = clip.embed_image(images).reshape(n, -1)
+    out[CLIP_RETRIEVAL] = [pool[j] for j in (image_emb @ text_emb.T).argmax(1).tolist()]
+    return out
+
+
+def score_captions(texts: list[str], scenes: list[shapes.Scene]) -> dict[str, float]:
+    """Shares of captions naming an object right (any), all objects right (all), and
+    fluent (:func:`~magic_edu.toyworld.tuning.fluent_caption`)."""
+    g = [shapes.grounding(t, s.objects) for t, s in zip(texts, scenes, strict=True)]
+    return {
+        "any": float(np.mean([x.any_right for x in g])),
+        "all": float(np.mean([x.all_right for x in g])),
+        "fluent": float(np.mean([fluent_caption(t, len(s.objects)) for t, s in zip(texts, scenes, strict=True)])),
+    }
+
+
+def magic_milliseconds(lm, clip, defaults: dict, n: int = 20) -> float:
+    """Mean wall time of one toy MAGIC caption (one image at a time, trace recorded), in ms."""
+    from .. import magic_search
+
+    scenes = held_out_scenes(n, multi=False)
+    magic_search(lm, clip, scenes[0].image, **{k: defaults[k] for k in ("k", "alpha", "beta", "max_new_tokens")})
+    t = time.perf_counter()
+    for s in scenes:
+        magic_search(lm, clip, s.image, **{k: defaults[k] for k in ("k", "alpha", "beta", "max_new_tokens")})
+    return 1000 * (time.perf_counter() - t) / n
+
+
+def results_table(out: Path = Path("data/toy"), n: int = 200) -> tuple[str, dict]:
+    """The ShapesWorld results table (markdown) on ``n`` held-out single-object and ``n``
+    held-out multi-object scenes, and the numbers behind it (rows by label)."""
+    lm, _, clip, defaults = load_toy(out)
+    single, multi = held_out_scenes(n, multi=False), held_out_scenes(n, multi=True)
+    texts_single = decode_all(lm, clip, defaults, single)
+    texts_multi = decode_all(lm, clip, defaults, multi)
+    rows_shown = [(d.name, d.label, d.needs_image) for d in DECODERS.values()]
+    rows_shown.append((CLIP_RETRIEVAL, CLIP_RETRIEVAL, True))
+    rows = {}
+    lines = [
+        (f"Held-out scenes (seeds never used in training): {n} with one shape, {n} with two or three. "
+         "A caption is right if it names the colour and the shape of an object in the image."),
+        "",
+        ("| decoder | sees the image | 1 shape: right | 1 shape: right, nothing else | 2-3 shapes: one right "
+         "| 2-3 shapes: all right | fluent |"),
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label, sees in rows_shown:
+        a, b = score_captions(texts_single[name], single), score_captions(texts_multi[name], multi)
+        r = rows[label] = {"single": a["any"], "single_exact": a["all"], "multi_any": b["any"], "multi_all": b["all"],
+                           "fluent": (a["fluent"] + b["fluent"]) / 2, "fluent_single": a["fluent"]}
+        lines.append(f"| {label} | {'yes' if sees else 'no'} | {r['single']:.2f} | {r['single_exact']:.2f} | "
+                     f"{r['multi_any']:.2f} | {r['multi_all']:.2f} | {r['fluent']:.2f} |")
+    settings = [(d.label, {k: v for k, v in decoder_settings(d, defaults).items() if k != "seed"})
+                for d in DECODERS.values()]
+    chance = 1 / (len(shapes.COLOURS) * len(shapes.SHAPES))
+    lines += [
+        "",
+        f"Chance for one shape: 1/{len(shapes.COLOURS) * len(shapes.SHAPES)} = {chance:.2f}. \"Nothing else\": "
+        "no other colour-and-shape named (no invented second shape). \"All right\": every shape named, "
+        "nothing invented. Fluent: a sentence the caption templates could produce (for one shape also without "
+        "a repeated bigram), over all captions. Settings: "
+        + "; ".join(f"{label} " + ", ".join(f"{k}={v}" for k, v in s.items()) for label, s in settings if s)
+        + f" (k, alpha and beta as tuned for MAGIC; top-k and nucleus as the paper's baselines). {CLIP_RETRIEVAL}: "
+        "the best of the training captions by CLIP score.",
+    ]
+    examples = [(s, texts_single["magic"][i]) for i, s in enumerate(single[:3])]
+    examples += [(s, texts_multi["magic"][i]) for i, s in enumerate(multi[:3])]
+    lines += ["", f"Examples ({DECODERS['magic'].label}):", ""]
+    for s, t in examples:
+        truth = ", ".join(f"{o.size} {o.colour} {o.shape} ({o.position})" for o in s.objects)
+        lines.append(f"- seed {s.seed}: *{t}*  (image: {truth})")
+    return "\n".join(lines) + "\n", {"rows": rows, "defaults": defaults, "n": n}
+
+
+def story_examples(out: Path = Path("data/toy"), n: int = 4, image_dir: Path | None = None) -> str:
+    """A few MAGIC stories of held-out scenes (title = the tuned prompt), as markdown; with
+    ``image_dir`` the scene images are saved there and shown."""
+    from .. import magic_search
+
+    _, story_lm, clip, defaults = load_toy(out)
+    st = defaults["story"]
+    scenes = [shapes.make_scene(shapes.HELD_OUT_SEED + 200_000 + i, n_captions=1) for i in range(n)]
+    gens = magic_search(story_lm, clip, [s.image for s in scenes], prompt=st.get("prompt", STORY_PROMPT),
+                        **{k: st[k] for k in ("k", "alpha", "beta", "max_new_tokens")}, record=False)
+    lines = []
+    for s, g in zip(scenes, gens, strict=True):
+        if image_dir is not None:
+            image_dir.mkdir(parents=True, exist_ok=True)
+            s.image.save(image_dir / f"story_{s.seed}.png")
+            lines.append(f"![scene {s.seed}]({image_dir.name}/story_{s.seed}.png)")
+        truth = ", ".join(f"{o.size} {o.colour} {o.shape} ({o.position})" for o in s.objects)
+        lines.append(f"**{st.get('prompt', STORY_PROMPT)}**: {g.text}  (image: {truth})\n")
+    return "\n".join(lines) + "\n"
