@@ -3,10 +3,11 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
-# torch 2.14.1 and torchvision 0.29.1 are pinned so pip never downloads a newer multi-GB build.
+# In this .venv torch 2.14.1 and torchvision 0.29.1 are pinned (pip never downloads a newer multi-GB
+# build; the package itself asks only for lower bounds, so other environments keep their torch).
 TORCH   = torch==2.14.1 torchvision==0.29.1
 
-.PHONY: lab test venv clean
+.PHONY: lab test lint venv clean
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +15,7 @@ $(BIN)/activate:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	$(BIN)/python -m pip install $(TORCH)
-	$(BIN)/python -m pip install -e ".[test]"
+	$(BIN)/python -m pip install -e ".[test]" $(TORCH)
 	touch $@
 
 venv: $(VENV)/.installed
@@ -24,6 +25,9 @@ lab: venv
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

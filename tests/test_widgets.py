@@ -339,7 +339,7 @@ def test_sweep_bad_grids_show_a_message(models, image, field, value, expected):
 def test_widgets_on_the_toy_models():
     if not (data_dir() / "toy" / "defaults.json").is_file():
         pytest.skip(f"the toy models are not trained yet: {data_dir() / 'toy'} has no defaults.json "
-                    "(python -m magic_edu.toyworld.training --out data/toy)")
+                    "(python -m magic_edu.toyworld.train --out data/toy)")
     toy = load_models("toy")
     w = StepThrough(toy)
     no_error(w)

@@ -890,35 +890,3 @@ class Sweep(W.VBox):
 
 
 # -- latency ------------------------------------------------------------------------------------------
-def step_timings(models: ModelSet, image: Any = None, steps: int = 24) -> dict[str, float]:
-    """Median milliseconds of one **Next** in a :class:`StepThrough` on ``models`` (MAGIC with the
-    model set's defaults, the picker's default image unless ``image`` is given):
-
-    * ``next_ms``: the whole click (decode step, text, table, one-step plot);
-    * ``answer_ms``: the click without the plot (the text and the table update first);
-    * ``decode_step_ms``: ``Stepper.step`` alone; ``plot_ms``: drawing the plot as a PNG alone.
-
-    For the benchmark: the course asks for under 200 ms per step on the toy models."""
-    widget = StepThrough(models, image)
-    if widget.stepper is None:
-        raise MagicEduError("step_timings: the widget could not start a decode (see its message)")
-    times: dict[str, list[float]] = {"next_ms": [], "answer_ms": [], "decode_step_ms": [], "plot_ms": []}
-
-    def timed(key: str, action: Callable[[], Any]) -> None:
-        start = time.perf_counter()
-        action()
-        times[key].append(1000 * (time.perf_counter() - start))
-
-    while len(times["next_ms"]) < steps:
-        if widget.stepper.done:
-            widget.reset()
-            continue
-        timed("next_ms", widget.next_button.click)
-        widget.back()
-        widget.show_plot = False
-        timed("answer_ms", widget.next_button.click)
-        widget.show_plot = True
-        widget.stepper.back()
-        timed("decode_step_ms", widget.stepper.step)
-        timed("plot_ms", lambda: figure_png(plots.plot_step(widget.trace, -1)))
-    return {key: statistics.median(values) for key, values in times.items()}
