@@ -4,7 +4,14 @@ A language model proposes its top-k next tokens; CLIP re-ranks them by how well 
 so far plus each token matches an image. Everything below is importable from here.
 """
 
-from .decoding import (Stepper, contrastive_search, greedy_search, magic_search, nucleus_sampling, top_k_sampling,)
+from .decoding import (
+    Stepper,
+    contrastive_search,
+    greedy_search,
+    magic_search,
+    nucleus_sampling,
+    top_k_sampling,
+)
 from .errors import MagicEduError
 from .inputs import load_image
 from .models import ImageTextMatcher, LanguageModel
@@ -16,9 +23,26 @@ from .trace import Generation, StepRecord, Trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "LanguageModel", "ImageTextMatcher", "Stepper", "Generation", "Trace", "StepRecord", "MagicEduError",
-    "greedy_search", "top_k_sampling", "nucleus_sampling", "contrastive_search", "magic_search",
-    "degeneration_penalty", "magic_score", "load_image",
-    "load_models", "list_presets", "ModelSet", "ModelNotDownloadedError",
-    "list_sample_photos", "load_sample_photo", "load_user_image",
+    "Generation",
+    "ImageTextMatcher",
+    "LanguageModel",
+    "MagicEduError",
+    "ModelNotDownloadedError",
+    "ModelSet",
+    "StepRecord",
+    "Stepper",
+    "Trace",
+    "contrastive_search",
+    "degeneration_penalty",
+    "greedy_search",
+    "list_presets",
+    "list_sample_photos",
+    "load_image",
+    "load_models",
+    "load_sample_photo",
+    "load_user_image",
+    "magic_score",
+    "magic_search",
+    "nucleus_sampling",
+    "top_k_sampling",
 ]

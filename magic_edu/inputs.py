@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .errors import MagicEduError
 
-ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]
+ImageLike = Union[Image.Image, str, os.PathLike, np.ndarray, torch.Tensor]  # noqa: UP007 (a runtime alias on 3.10)
 
 
 def load_image(image: ImageLike, name: str = "image") -> Image.Image:

@@ -10,14 +10,15 @@ Decoding code only talks to these two classes, never to one checkpoint.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from .errors import MagicEduError
 from .fast.clip_prefix import PrefixMemo, SharedPrefixEncoder
 from .fast.clip_tokens import ClipTokenizer
-from .errors import MagicEduError
 from .inputs import ImageLike, load_image
 
 DEFAULT_PROMPT_FORMAT = "{sos}{prompt}"
@@ -98,7 +99,7 @@ class LanguageModel:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         **hub_kwargs: Any,
-    ) -> "LanguageModel":
+    ) -> LanguageModel:
         """Load a causal LM and its tokenizer (hub id or local folder).
 
         ``sos_token`` / ``pad_token`` are added with ``tokenizer.add_tokens`` when the
@@ -292,7 +293,7 @@ class ImageTextMatcher:
     @classmethod
     def from_pretrained(
         cls, model_name: str, pretrained: str | None = None, device: str | torch.device | None = None, **kwargs: Any
-    ) -> "ImageTextMatcher":
+    ) -> ImageTextMatcher:
         """Create from open_clip names (``"ViT-B-32-quickgelu", pretrained="openai"``) or
         ``hf-hub:org/repo`` / ``local-dir:/path`` ids."""
         import open_clip

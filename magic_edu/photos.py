@@ -68,7 +68,7 @@ def sample_photo_path(name: str) -> Path:
             "the sample photos come with scikit-image, which is not installed: "
             "pip install scikit-image (or pip install 'magic_edu[photos]')"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data" / SAMPLE_PHOTOS[name].file
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / SAMPLE_PHOTOS[name].file
     if not path.is_file():
         raise MagicEduError(f"sample photo {name!r}: this scikit-image does not bundle {path.name} (in {path.parent})")
     return path

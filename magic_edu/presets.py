@@ -25,9 +25,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -321,7 +322,7 @@ def _fetch(model: _HubModel) -> bool:
         return False
     try:
         hf_hub_download(model.repo_id, model.probe)
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 (any failure: reachable or not is what we ask)
         if _unavailable(err):
             return False
         # any other answer (e.g. the file does not exist on the hub) is for the loader to report

@@ -10,8 +10,9 @@ A parameter's value comes from, in order: the caller's argument; the model's pre
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import MagicEduError
 from .inputs import check_float, check_int

@@ -11,7 +11,7 @@ Contrastive search (Su et al. 2022, SimCTG) is the same with beta = 0.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

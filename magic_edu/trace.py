@@ -126,7 +126,7 @@ class Trace:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Trace":
+    def from_dict(cls, data: dict[str, Any]) -> Trace:
         if not isinstance(data, dict) or data.get("format") != "magic_edu.trace":
             raise MagicEduError("trace file: not a magic_edu trace (missing 'format': 'magic_edu.trace')")
         steps = [StepRecord(**s) for s in data["steps"]]
@@ -137,7 +137,7 @@ class Trace:
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Trace":
+    def load(cls, path: str | os.PathLike) -> Trace:
         path = Path(path)
         if not path.is_file():
             raise MagicEduError(f"path: no trace file at {path}")

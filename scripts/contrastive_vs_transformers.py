@@ -21,7 +21,8 @@ import torch
 
 
 def rss_kib() -> tuple[int, int]:
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "VmHWM")))
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
@@ -34,8 +35,8 @@ def main(side: str, tokens: int) -> None:
     model = GPT2LMHeadModel(config).eval()
     if side == "ours":
         from magic_edu import Stepper
-        from magic_edu.tools.random_models import word_tokenizer
         from magic_edu.models import LanguageModel
+        from magic_edu.tools.random_models import word_tokenizer
 
         lm = LanguageModel(model, word_tokenizer(50257))
 

@@ -21,9 +21,14 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from magic_edu.tools.bench import forward_timers
 from magic_edu.decoding import Stepper
-from magic_edu.tools.random_models import EOS, random_clip, random_language_model
+
+try:  # the layout since the architecture rework
+    from magic_edu.tools.bench import forward_timers
+    from magic_edu.tools.random_models import EOS, random_clip, random_language_model
+except ImportError:  # older checkouts, for comparing versions
+    from magic_edu.bench import forward_timers
+    from magic_edu.random_models import EOS, random_clip, random_language_model
 
 torch.set_num_threads(1)
 words = [w[:-4] if w.endswith("</w>") else w for w in open_clip.get_tokenizer("ViT-B-32-quickgelu").encoder]
@@ -43,7 +48,7 @@ STEPS = 16
 for batch in (1, 16):
     images = [Image.new("RGB", (32, 32), (40 + 30 * i % 200, 80, 220 - 10 * i % 200)) for i in range(batch)]
 
-    def run() -> None:
+    def run(images: list = images) -> None:
         Stepper(lm, "magic", clip=clip, image=images, k=45, alpha=0.1, beta=2.0, max_new_tokens=STEPS,
                 stop_at_eos=False).run()
 

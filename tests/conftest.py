@@ -12,7 +12,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from magic_edu.tools.random_models import random_clip, random_language_model  # noqa: E402
+from magic_edu.tools.random_models import random_clip, random_language_model
 
 # The test models are tiny: one thread is faster than two, and immune to a busy machine.
 torch.set_num_threads(1)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from magic_edu.reference import magic_reference
 from magic_edu.tools import bench
 from magic_edu.tools.bench import authors_style_magic, bench_models, format_table, step_latency, summary
-from magic_edu.reference import magic_reference
 
 from conftest import make_image
 

@@ -10,11 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from magic_edu import (
-    ImageTextMatcher, MagicEduError, Stepper, Trace, contrastive_search, greedy_search, magic_search, nucleus_sampling,
+    ImageTextMatcher,
+    MagicEduError,
+    Stepper,
+    Trace,
+    contrastive_search,
+    greedy_search,
+    magic_search,
+    nucleus_sampling,
     top_k_sampling,
 )
-from magic_edu.tools.random_models import random_language_model
 from magic_edu.reference import magic_reference
+from magic_edu.tools.random_models import random_language_model
 
 from conftest import make_image
 
@@ -269,7 +276,7 @@ def test_stepper_step_back_and_force(tiny_lm, tiny_clip):
     assert again.token_ids == second.token_ids and again.score == second.score and again.chosen == second.chosen
     s.reset()
     assert s.step_index == 0 and len(s.traces[0]) == 0
-    alt = [i for i in range(first.k) if i != first.chosen][0]
+    alt = next(i for i in range(first.k) if i != first.chosen)
     forced = s.step(force=first.token_ids[alt])
     assert forced.forced and forced.chosen == alt and s.token_ids() == [first.token_ids[alt]]
     rest = s.run()[0]

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from magic_edu.tools import evaluation
 from magic_edu.errors import MagicEduError
+from magic_edu.tools import evaluation
 from magic_edu.tools.evaluation import (
     caption_metrics,
     clip_score,

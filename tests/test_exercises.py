@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from magic_edu.course import exercises as ex
-from magic_edu.toyworld import shapes
 from magic_edu.models import STORY_PROMPT_FORMAT
+from magic_edu.toyworld import shapes
 from magic_edu.trace import StepRecord
 
 
@@ -110,7 +110,7 @@ def nucleus(probs, p):
 def test_top_k_filter():
     right(ex.check_top_k_filter(top_k))
     right(ex.check_top_k_filter(lambda p, k: np.asarray(top_k(p, k))))  # numpy result is fine
-    unnormalised = lambda p, k: top_k(p, k) * p[p.topk(k).indices].sum()  # noqa: E731
+    unnormalised = lambda p, k: top_k(p, k) * p[p.topk(k).indices].sum()
     wrong(ex.check_top_k_filter(unnormalised), "sums to")
     wrong(ex.check_top_k_filter(lambda p, k: p.topk(k).values), "all")
 

@@ -345,7 +345,7 @@ def test_text_encoding_off_the_cpu_moves_everything_to_the_model(tmp_path, monke
     for name in ("encode_packed", "encode_text_trimmed"):
         original = getattr(clip_prefix, name)
         monkeypatch.setattr(clip_prefix, name, lambda *a, _f=original, _n=name, **kw: taken.append(_n) or _f(*a, **kw))
-    for step in range(2):  # the second call reuses the first one's prefix keys and values
+    for _ in range(2):  # the second call reuses the first one's prefix keys and values
         emb = clip.embed_text_groups([["a red circle", "a red square"], ["a red star", "a red"]])
         assert emb.device.type == "meta" and emb.shape == (2, 2, 32)
     assert taken == [path, path]

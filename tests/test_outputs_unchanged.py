@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 import magic_edu as me
-from magic_edu.toyworld import shapes
 from magic_edu.tools.random_models import clip_vit_b32, gpt2_small, random_clip, random_language_model
+from magic_edu.toyworld import shapes
 
 EXPECTED = json.loads((Path(__file__).parent / "data" / "outputs_b1e26e2.json").read_text())
 NOISE = Image.fromarray((np.random.RandomState(0).rand(40, 40, 3) * 255).astype("uint8"))

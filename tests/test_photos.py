@@ -14,7 +14,11 @@ from PIL import Image
 
 from magic_edu import MagicEduError
 from magic_edu.photos import (
-    SAMPLE_PHOTOS, list_sample_photos, load_sample_photo, load_user_image, sample_photo_path,
+    SAMPLE_PHOTOS,
+    list_sample_photos,
+    load_sample_photo,
+    load_user_image,
+    sample_photo_path,
 )
 
 

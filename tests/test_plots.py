@@ -10,12 +10,13 @@ matplotlib.use("Agg")
 
 import numpy as np
 import pytest
-from conftest import make_image
 from matplotlib.figure import Figure
 
 from magic_edu import MagicEduError, Stepper, Trace
 from magic_edu.tools import analysis
 from magic_edu.views import plots
+
+from conftest import make_image
 
 ALPHA, BETA, K = 0.3, 1.5, 5
 

@@ -26,7 +26,12 @@ import torch
 import magic_edu.presets as presets
 from magic_edu import MagicEduError, Stepper, magic_search
 from magic_edu.presets import (
-    PAPER_PAD, PAPER_SOS, ModelNotDownloadedError, ModelSet, list_presets, load_models,
+    PAPER_PAD,
+    PAPER_SOS,
+    ModelNotDownloadedError,
+    ModelSet,
+    list_presets,
+    load_models,
 )
 from magic_edu.tools.random_models import EOS, byte_level_tokenizer, clip_config
 
@@ -274,7 +279,7 @@ def test_other_errors_are_not_disguised_as_missing_models():
         try:
             raise ConnectionError("no route")
         except ConnectionError:
-            raise OSError("transformers wrapper")
+            raise OSError("transformers wrapper")  # noqa: B904 (chained implicitly, as transformers does)
     except OSError as err:
         assert presets._unavailable(err)
 
@@ -338,7 +343,8 @@ def test_story_text_excludes_prompt_and_keeps_five_sentences(paper_hub):
 
 
 # -- the toy presets -----------------------------------------------------------------------------
-TOY_WORDS = "a an the red green blue yellow circle square triangle star small large on left right . ,".split()
+TOY_WORDS = ["a", "an", "the", "red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "small",
+             "large", "on", "left", "right", ".", ","]
 
 
 def save_toy_lm(folder: Path, seed: int) -> Path:

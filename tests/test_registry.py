@@ -206,9 +206,9 @@ def models(tiny_lm, tiny_clip):
 
 
 def test_a_new_decoder_shows_up_in_the_widgets(new_decoder, models):
-    from conftest import make_image
-
     from magic_edu.views.widgets import CompareDecoders, StepThrough
+
+    from conftest import make_image
 
     w = StepThrough(models, make_image(1))
     assert ("tempered sampling", "tempered") in w.decoder.options

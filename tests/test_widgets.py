@@ -12,7 +12,6 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
-from conftest import make_image
 from matplotlib.figure import Figure
 
 from magic_edu import MagicEduError, Stepper
@@ -21,6 +20,8 @@ from magic_edu.registry import DECODERS
 from magic_edu.tools import analysis
 from magic_edu.toyworld import shapes
 from magic_edu.views.widgets import CompareDecoders, ImagePicker, StepThrough, Sweep
+
+from conftest import make_image
 
 PNG = b"\x89PNG"
 

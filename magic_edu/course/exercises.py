@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -689,10 +690,29 @@ def check_candidate_mask(fn: Any) -> Verdict:
 
 
 __all__ = [
-    "Verdict", "CONTRASTIVE_TABLE", "CONTRASTIVE_ALPHA", "DECODER_OPTIONS", "BETA_LIMIT_OPTIONS", "GRADIENT_OPTIONS",
-    "check_scene_caption", "check_mle_preset", "check_top_k_filter", "check_nucleus_filter",
-    "check_degeneration_penalty", "check_contrastive_pick", "check_clip_scores", "check_temperature",
-    "check_magic_score", "check_pick_without_clip", "check_clip_retrieval", "check_decoders_that_see",
-    "check_k_equals_one", "check_beta_limit", "check_story_prefix", "check_story_budget", "check_rep_n",
-    "check_gradient_free", "check_candidate_mask",
+    "BETA_LIMIT_OPTIONS",
+    "CONTRASTIVE_ALPHA",
+    "CONTRASTIVE_TABLE",
+    "DECODER_OPTIONS",
+    "GRADIENT_OPTIONS",
+    "Verdict",
+    "check_beta_limit",
+    "check_candidate_mask",
+    "check_clip_retrieval",
+    "check_clip_scores",
+    "check_contrastive_pick",
+    "check_decoders_that_see",
+    "check_degeneration_penalty",
+    "check_gradient_free",
+    "check_k_equals_one",
+    "check_magic_score",
+    "check_mle_preset",
+    "check_nucleus_filter",
+    "check_pick_without_clip",
+    "check_rep_n",
+    "check_scene_caption",
+    "check_story_budget",
+    "check_story_prefix",
+    "check_temperature",
+    "check_top_k_filter",
 ]

@@ -34,9 +34,10 @@ import platform
 import re
 import sys
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
@@ -398,7 +399,8 @@ def _run(paths: Iterable[Path], limit: float, solutions: bool) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m magic_edu.course.notebook_tools", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m magic_edu.course.notebook_tools",
+                                     description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="execute notebooks in place (clean metadata, record run times), then check")
     run.add_argument("only", nargs="*", help="notebook name prefixes (default: all)")

@@ -7,7 +7,8 @@ family uses (argued in :meth:`CandidateTexts.__call__`); anything else is decode
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..models import LanguageModel

@@ -161,7 +161,7 @@ class Packed:
         """Token positions the text tower runs: the new prefix tokens and the packed slots."""
         return self.prefix_ids.numel() + self.tokens.numel()
 
-    def to(self, device: torch.device) -> "Packed":
+    def to(self, device: torch.device) -> Packed:
         return replace(self, **{name: getattr(self, name).to(device) for name in
                                 ("prefix_ids", "prefix_mask", "tokens", "position", "suffix_mask", "ends")})
 

@@ -20,7 +20,8 @@ newlines) or any other tokenizer goes through the tokenizer unchanged.
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -13,8 +13,9 @@ import contextlib
 import gc
 import platform
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -265,7 +266,8 @@ def step_latency(lm: LanguageModel, clip: ImageTextMatcher, k: int, alpha: float
 # -- memory ------------------------------------------------------------------------------------
 def _rss_peak_kib() -> tuple[int, int]:
     """(resident, peak resident) KiB of this process (Linux /proc)."""
-    fields = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("VmRSS", "VmHWM")))
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("VmRSS", "VmHWM")))
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
@@ -353,10 +355,8 @@ def step_timings(models: Any, image: Any = None, steps: int = 24) -> dict[str, f
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), cpu)
     except OSError:
         pass
     text = f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"

@@ -26,17 +26,18 @@ import os
 import shutil
 import subprocess
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator, Mapping, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import pandas as pd
 
 from ..errors import MagicEduError
 
-ResultsLike = Union[str, os.PathLike, Sequence[Mapping[str, Any]]]
+ResultsLike = Union[str, os.PathLike, Sequence[Mapping[str, Any]]]  # noqa: UP007 (a runtime alias on 3.10)
 
 CLIP_PREFIX = "A photo depicts "  # Hessel et al. 2021, section 3
 CLIP_W = 2.5  # their rescaling constant w
@@ -165,7 +166,7 @@ def _import_pycocoevalcap() -> Any:
     import pycocoevalcap
 
     return SimpleNamespace(Bleu=Bleu, Cider=Cider, Meteor=Meteor, Rouge=Rouge, PTBTokenizer=PTBTokenizer,
-                           root=Path(list(pycocoevalcap.__path__)[0]))
+                           root=Path(next(iter(pycocoevalcap.__path__))))
 
 
 def _one_line(text: str) -> str:
@@ -395,6 +396,14 @@ def table_to_dict(table: pd.DataFrame) -> dict[str, float | int | None]:
 
 
 __all__ = [
-    "load_results", "caption_metrics", "repetition_and_diversity", "clip_score", "ref_clip_score",
-    "evaluate", "table_to_dict", "spice_models_present", "CLIP_PREFIX", "CLIP_W",
+    "CLIP_PREFIX",
+    "CLIP_W",
+    "caption_metrics",
+    "clip_score",
+    "evaluate",
+    "load_results",
+    "ref_clip_score",
+    "repetition_and_diversity",
+    "spice_models_present",
+    "table_to_dict",
 ]

@@ -26,7 +26,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -405,7 +405,7 @@ def _matches(mask: tuple[int, int, int, int], o: ShapeObject) -> bool:
 
 
 class _Node:
-    __slots__ = ("edges", "ends", "below")
+    __slots__ = ("below", "edges", "ends")
 
     def __init__(self) -> None:
         self.edges: dict = {}
@@ -420,7 +420,7 @@ def _patterns(template: str, meta: Meta, max_desc: int) -> list[list]:
     for descs in itertools.product(DESCRIPTIONS[:max_desc], repeat=len(slots)):
         t = template
         for i, d in zip(slots, descs):
-            t = t.replace("{" + i + "}", re.sub(r"\[(\w)\]", lambda m: f"[{m.group(1)}{i}]", d))
+            t = t.replace("{" + i + "}", re.sub(r"\[(\w)\]", lambda m, i=i: f"[{m.group(1)}{i}]", d))
         pat: list = []
         for w in t.split():
             m = re.fullmatch(r"\[(\w)(\d)\]", w)
@@ -447,7 +447,7 @@ def _build_trie(entries: list[tuple[str, Meta, int]]) -> _Node:
     return root
 
 
-@lru_cache(maxsize=None)
+@cache
 def _caption_trie() -> _Node:
     entries = []
     for n, templates in CAPTION_TEMPLATES.items():
@@ -456,7 +456,7 @@ def _caption_trie() -> _Node:
     return _build_trie(entries)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _story_trie() -> _Node:
     entries = [(t, Meta(1, 1, 3), 4) for t in STORY_INTROS + STORY_CLOSINGS["any"]]
     entries += [(t, Meta(1, 2, 3), 4) for t in STORY_MEETS + STORY_CLOSINGS["many"]]
@@ -552,7 +552,7 @@ def is_template_caption(text: str) -> bool:
 def has_repeated_bigram(text: str) -> bool:
     """Does some pair of consecutive words occur twice?"""
     words = words_of(text)
-    bigrams = list(zip(words, words[1:]))
+    bigrams = list(itertools.pairwise(words))
     return len(bigrams) != len(set(bigrams))
 
 

@@ -19,8 +19,6 @@ import io
 import itertools
 import math
 import random
-import statistics
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -490,7 +488,8 @@ class StepThrough(W.VBox):
 
     def _new_stepper(self) -> Stepper:
         decoder = get_decoder(self.decoder.value)
-        return Stepper(self.models.lm, decoder.name, prompt=_prompt(self.prompt.value), max_new_tokens=self.length.value,
+        return Stepper(self.models.lm, decoder.name, prompt=_prompt(self.prompt.value),
+                       max_new_tokens=self.length.value,
                        **_decoder_kwargs(decoder, self.controls, self.models, self.picker.image))
 
     def _need_stepper(self) -> Stepper:
