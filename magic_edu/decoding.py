@@ -193,7 +193,7 @@ class Stepper:
             # a Stepper that can go back encodes each step's CLIP texts afresh: exact either way, but
             # reusing the previous step's prefix rounds differently, and Back must replay bit for bit
             self.scorer = ClipScorer(lm, clip, clip.embed_image(images).reshape(len(images), -1),
-                                     self.params["clip_text_max_len"], remember=None if not self.history else False)
+                                     self.params["clip_text_max_len"], remember=False if self.history else None)
         self.batch_size = max(1, len(images))
 
         settings = {"decoder": spec.name, "prompt": prompt, "max_new_tokens": self.max_new_tokens,
@@ -205,12 +205,6 @@ class Stepper:
         self.traces = [Trace(dict(settings), list(self.prefix), prefix_tokens) for _ in range(self.batch_size)]
         self._start()
 
-    def __getattr__(self, name: str) -> Any:  # s.k, s.alpha, ...: the decoder's settings
-        params = self.__dict__.get("params", {})
-        if name in params:
-            return params[name]
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
     # -- state ----------------------------------------------------------------------
     def _start(self) -> None:
         ids = torch.tensor([self.prefix], device=self.lm.device)
@@ -221,7 +215,7 @@ class Stepper:
         self._logits = logits[:, -1].expand(b, -1)  # (B, V): next-token logits
         self._generated: list[list[int]] = [[] for _ in range(b)]  # rows keep going after EOS
         self._lengths: list[int | None] = [None] * b  # per row: its output's length once it has ended
-        self._rng_state = torch.Generator().manual_seed(self.seed).get_state() if self.spec.samples else None
+        self._rng_state = torch.Generator().manual_seed(self.params["seed"]).get_state() if self.spec.samples else None
         self._undo: list[_Undo] = []
 
     @property
@@ -308,7 +302,7 @@ class Stepper:
 
     def _candidate_step(self, probs: torch.Tensor, force: int | None) -> StepResult:
         """Contrastive / MAGIC search: score the top-k candidates, take the best."""
-        b, k, t = self.batch_size, self.k, self._ctx.length
+        b, k, t = self.batch_size, self.params["k"], self._ctx.length
         lm_prob, candidates = probs.topk(k, dim=-1)  # (B, k), most probable first
         # the candidates' ids reach the host before the LM forward is queued, so on a GPU the
         # CLIP texts are built and tokenised on the CPU while the GPU runs the LM
@@ -318,11 +312,11 @@ class Stepper:
         if self.scorer is not None:
             clip_text, clip_cosine, clip_score = self.scorer(self._generated, candidate_ids)
             clip_cosine, clip_score = clip_cosine.to(lm_prob.device), clip_score.to(lm_prob.device)
-            score = magic_score(lm_prob, penalty, clip_score, self.alpha, self.beta)
+            score = magic_score(lm_prob, penalty, clip_score, self.params["alpha"], self.params["beta"])
         else:  # contrastive search: beta = 0
             clip_text, clip_cosine = [[""] * k for _ in range(b)], torch.full_like(lm_prob, NAN)
             clip_score = clip_cosine
-            score = magic_score(lm_prob, penalty, torch.zeros_like(lm_prob), self.alpha, 0.0)
+            score = magic_score(lm_prob, penalty, torch.zeros_like(lm_prob), self.params["alpha"], 0.0)
         chosen = score.argmax(dim=-1)  # the first maximum: ties go to the more probable
         if force is not None:
             chosen[0] = _index_of(force, candidates[0])
@@ -337,7 +331,7 @@ class Stepper:
 
     def _token_step(self, probs: torch.Tensor, force: int | None) -> StepResult:
         """Greedy search and sampling: pick one token from p, then one forward of it."""
-        shown_k = self.k if self.decoder == "top_k" else min(TRACE_TOP, probs.shape[-1])
+        shown_k = self.params["k"] if self.decoder == "top_k" else min(TRACE_TOP, probs.shape[-1])
         shown_p, shown = probs.topk(shown_k, dim=-1)
         if force is not None:
             _index_of(force, shown[0])

@@ -32,7 +32,7 @@ def _check(outputs: dict) -> None:
 
 @pytest.fixture(scope="module")
 def toy_images():
-    return [shapes.make_scene(9_000_000 + i, n_objects=1 + i % 3).image for i in range(4)]
+    return [shapes.make_scene(shapes.HELD_OUT_SEED + i, n_objects=1 + i % 3).image for i in range(4)]
 
 
 @pytest.mark.slow

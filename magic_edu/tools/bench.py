@@ -140,12 +140,15 @@ def time_decode(label: str, run: Callable[[], list], lm: LanguageModel, clip: Im
 def time_decodes(runs: list[tuple[str, Callable[[], list], LanguageModel, ImageTextMatcher | None]],
                  repeats: int = 3) -> list[Timing]:
     """Median of ``repeats`` rounds for each (label, run, lm, clip), after one warm-up each. Every
-    round runs every entry once, so a shared machine's slow drifts touch all entries alike."""
+    round runs every entry once, so a shared machine's slow drifts touch all entries alike, and
+    every other round in reverse order (the first entry of a round ran up to 20% slower)."""
     for _, run, _, _ in runs:
         run()
     samples: list[list[tuple]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for i, (_, run, lm, clip) in enumerate(runs):
+    for r in range(repeats):
+        order = range(len(runs)) if r % 2 == 0 else reversed(range(len(runs)))  # no entry always first
+        for i in order:
+            _, run, lm, clip = runs[i]
             samples[i].append(_timed_run(run, lm, clip))
     return [_median_timing(label, got) for (label, *_), got in zip(runs, samples)]
 
