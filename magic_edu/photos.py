@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .errors import MagicEduError
-from .inputs import load_image
+from .inputs import decode_image_file, load_image
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,7 @@ def _is_file_upload(obj: Any) -> bool:
 
 
 def _image_from_bytes(data: bytes, name: str) -> Image.Image:
+    """Decode an uploaded file's bytes with the same checks as a file on disk (size bounded before decoding)."""
     if not data:
         raise MagicEduError(f"{name}: the uploaded file is empty")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            image = img.copy()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise MagicEduError(f"{name}: not a readable image ({err})") from None
-    return load_image(image, name=name)
+    return decode_image_file(io.BytesIO(data), name, f"{name}: the uploaded file")
