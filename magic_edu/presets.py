@@ -34,6 +34,7 @@ import torch
 
 from .errors import MagicEduError
 from .models import DEFAULT_PROMPT_FORMAT, STORY_PROMPT_FORMAT, ImageTextMatcher, LanguageModel
+from .registry import DECODERS, MAX_NEW_TOKENS
 
 PAPER_SOS = "<-start_of_text->"
 PAPER_PAD = "<-pad->"
@@ -217,7 +218,12 @@ def _check_defaults(settings: Mapping[str, Any], preset: str, need_length: bool 
     absent = [k for k in keys if k not in settings]
     if absent:
         raise MagicEduError(f"preset {preset!r}: the decoding settings lack {', '.join(absent)}")
-    return {k: settings[k] for k in SETTING_KEYS if k in settings}
+    magic = DECODERS["magic"]
+    params = {**{p.name: p for p in magic.params}, MAX_NEW_TOKENS.name: MAX_NEW_TOKENS}
+    try:  # the ranges the decoders accept (k up to the vocabulary is checked when decoding)
+        return {k: params[k].check(settings[k]) for k in SETTING_KEYS if k in settings}
+    except MagicEduError as err:
+        raise MagicEduError(f"preset {preset!r}: its decoding settings are out of range: {err}") from None
 
 
 def _model_set(preset: Preset, lm: LanguageModel, clip: ImageTextMatcher, defaults: dict[str, Any],

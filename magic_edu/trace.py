@@ -13,9 +13,11 @@ for contrastive and MAGIC search (for greedy and sampling, score = lm_prob).
 from __future__ import annotations
 
 import json
+import math
 import os
+import stat
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -126,18 +128,52 @@ class Trace:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Trace:
+    def from_dict(cls, data: Any, source: str | os.PathLike | None = None) -> Trace:
+        """The trace ``data`` (as :meth:`to_dict` gives it) describes, checked: anything that is not
+        a trace of a version this magic_edu reads is a :class:`MagicEduError` naming ``source`` (a
+        file name, if it came from one) and what is wrong. Float columns read ``null`` (and the
+        bare ``NaN`` of older files) as NaN."""
+        where = f"trace file {source}" if source is not None else "trace"
+        try:
+            return cls._from_checked_dict(data)
+        except MagicEduError as err:
+            raise MagicEduError(f"{where}: {err}") from None
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RecursionError) as err:
+            raise MagicEduError(f"{where}: not a valid trace ({type(err).__name__}: {err})") from None
+
+    @classmethod
+    def _from_checked_dict(cls, data: Any) -> Trace:
         if not isinstance(data, dict) or data.get("format") != "magic_edu.trace":
-            raise MagicEduError("trace file: not a magic_edu trace (missing 'format': 'magic_edu.trace')")
-        steps = [StepRecord(**s) for s in data["steps"]]
-        return cls(data["settings"], data["prefix_ids"], data["prefix_tokens"], steps)
+            raise MagicEduError("not a magic_edu trace (missing 'format': 'magic_edu.trace')")
+        version = data.get("version")
+        if not _is_int(version) or version < 1:
+            raise MagicEduError(f"'version' must be a positive integer; got {version!r}")
+        if version > FORMAT_VERSION:
+            raise MagicEduError(f"written in trace format version {version} by a newer magic_edu; this one reads "
+                                f"versions up to {FORMAT_VERSION}: upgrade magic_edu to load it")
+        missing = [key for key in ("settings", "prefix_ids", "prefix_tokens", "steps") if key not in data]
+        if missing:
+            raise MagicEduError(f"missing {', '.join(repr(m) for m in missing)}")
+        settings = data["settings"]
+        if not isinstance(settings, dict):
+            raise MagicEduError(f"'settings' must be an object; got {type(settings).__name__}")
+        prefix_ids = _int_list(data["prefix_ids"], "'prefix_ids'")
+        prefix_tokens = _str_list(data["prefix_tokens"], "'prefix_tokens'")
+        if len(prefix_ids) != len(prefix_tokens):
+            raise MagicEduError(f"'prefix_ids' has {len(prefix_ids)} entries but 'prefix_tokens' {len(prefix_tokens)}")
+        steps = data["steps"]
+        if not isinstance(steps, list):
+            raise MagicEduError(f"'steps' must be a list; got {type(steps).__name__}")
+        return cls(settings, prefix_ids, prefix_tokens, [_step_record(s, i) for i, s in enumerate(steps)])
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the trace as JSON, atomically (a temporary file renamed into place)."""
+        """Write the trace as JSON, atomically (a temporary file renamed into place); NaN is
+        written as ``null``."""
         return write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Trace:
+        """Read a trace :meth:`save` wrote; any problem is a :class:`MagicEduError` naming the file."""
         path = Path(path)
         if not path.is_file():
             raise MagicEduError(f"path: no trace file at {path}")
@@ -145,7 +181,88 @@ class Trace:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise MagicEduError(f"path: {path} is not a JSON trace file ({err})") from None
-        return cls.from_dict(data)
+        except RecursionError:
+            raise MagicEduError(f"path: {path} is not a trace file (JSON nested too deeply)") from None
+        except OSError as err:
+            raise MagicEduError(f"path: cannot read {path} ({err})") from None
+        return cls.from_dict(data, source=path)
+
+
+# -- checking a loaded trace ---------------------------------------------------------------
+_STEP_FIELDS = {f.name: f for f in fields(StepRecord)}
+_STEP_REQUIRED = [name for name, f in _STEP_FIELDS.items() if f.default is MISSING and f.default_factory is MISSING]
+_INT_COLUMNS = ("token_ids", "penalty_position")
+_STR_COLUMNS = ("tokens", "clip_text")
+_FLOAT_COLUMNS = ("lm_prob", "degeneration_penalty", "clip_cosine", "clip_score", "score")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_list(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise MagicEduError(f"{what} must be a list of integers")
+    return value
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MagicEduError(f"{what} must be a list of strings")
+    return value
+
+
+def _float_list(value: Any, what: str) -> list[float]:
+    """Numbers, with null (how NaN is written) read back as NaN."""
+    if not isinstance(value, list):
+        raise MagicEduError(f"{what} must be a list of numbers")
+    out = []
+    for v in value:
+        if v is None:
+            out.append(math.nan)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out.append(float(v))
+        else:
+            raise MagicEduError(f"{what} must be a list of numbers (or null for NaN); got {v!r}")
+    return out
+
+
+def _step_record(data: Any, i: int) -> StepRecord:
+    where = f"steps[{i}]"
+    if not isinstance(data, dict):
+        raise MagicEduError(f"{where} must be an object; got {type(data).__name__}")
+    missing = [name for name in _STEP_REQUIRED if name not in data]
+    if missing:
+        raise MagicEduError(f"{where}: missing {', '.join(repr(m) for m in missing)}")
+    unknown = sorted(set(data) - set(_STEP_FIELDS))
+    if unknown:
+        raise MagicEduError(f"{where}: unknown field {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    for name in ("step", "chosen"):
+        if not _is_int(data[name]):
+            raise MagicEduError(f"{where}: {name!r} must be an integer; got {data[name]!r}")
+        values[name] = data[name]
+    if not isinstance(data["text"], str):
+        raise MagicEduError(f"{where}: 'text' must be a string")
+    values["text"] = data["text"]
+    for name in _INT_COLUMNS:
+        values[name] = _int_list(data[name], f"{where}: {name!r}")
+    for name in _STR_COLUMNS:
+        values[name] = _str_list(data[name], f"{where}: {name!r}")
+    for name in _FLOAT_COLUMNS:
+        values[name] = _float_list(data[name], f"{where}: {name!r}")
+    k = len(values["token_ids"])
+    uneven = [name for name in (*_INT_COLUMNS, *_STR_COLUMNS, *_FLOAT_COLUMNS) if len(values[name]) != k]
+    if uneven:
+        raise MagicEduError(f"{where}: {uneven[0]!r} has {len(values[uneven[0]])} entries, 'token_ids' {k}")
+    if not 0 <= values["chosen"] < k:
+        raise MagicEduError(f"{where}: 'chosen' is {values['chosen']}, not a candidate index (k = {k})")
+    forced = data.get("forced", False)
+    if not isinstance(forced, bool):
+        raise MagicEduError(f"{where}: 'forced' must be true or false; got {forced!r}")
+    values["forced"] = forced
+    values["chosen_similarity"] = _float_list(data.get("chosen_similarity", []), f"{where}: 'chosen_similarity'")
+    return StepRecord(**values)
 
 
 @dataclass
@@ -176,21 +293,55 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot write {type(obj).__name__} to JSON")
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN / infinity (also inside numpy arrays) replaced by None, so it is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(value) for value in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _finite(obj.item())
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as JSON to ``path`` through a temporary file and a rename, so a
-    crash never leaves a truncated file behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    crash never leaves a truncated file behind.
+
+    NaN and infinities are written as ``null`` (strict JSON). A symbolic link stays a link:
+    the file it points to is replaced. An existing file keeps its permission bits (a new one
+    gets 0644). A path that exists but is not a regular file (a folder, /dev/null, a FIFO) is
+    a :class:`MagicEduError`; the temporary file (``.<name>.<random>.tmp`` next to the target)
+    is removed on any failure."""
+    given = Path(path)
+    target = Path(os.path.realpath(given)) if given.is_symlink() else given
+    mode = 0o644  # mkstemp makes files owner-only; a result file is for sharing
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        pass
+    else:
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a folder" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            shown = f"{given} (-> {target})" if target != given else str(given)
+            raise MagicEduError(f"cannot write {shown}: it is {kind}")
+        mode = stat.S_IMODE(st.st_mode)
+    text = json.dumps(_finite(data), indent=1, default=_json_default, allow_nan=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, default=_json_default, allow_nan=True)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes files owner-only; a result file is for sharing
-        os.replace(tmp, path)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
+    return given

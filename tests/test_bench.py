@@ -63,3 +63,12 @@ def test_gpu_timing_takes_the_wall_time_from_a_plain_run(tiny_lm, monkeypatch):
 def test_decode_memory_is_measured_in_a_fresh_process():
     mib_short, seconds = bench.decode_memory(20, size="tiny")
     assert seconds > 0 and 0 <= mib_short < 200
+
+
+def test_bench_command_refuses_bad_arguments_before_any_work(capsys):
+    from magic_edu.tools import cli
+
+    assert cli.main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "bogus"]) == 2
+    assert "--device must be a torch device" in capsys.readouterr().err

@@ -218,14 +218,137 @@ def test_a_failed_write_leaves_the_previous_file_whole(fake, folder, tmp_path, c
     out = tmp_path / "results.json"
     run(["caption", str(folder / "img0.png"), "--out", str(out)], capsys)
     before = out.read_text()
+    real_replace = os.replace
 
     def broken_replace(src, dst):
-        raise OSError("disk full")
+        if Path(dst).name == "results.json":
+            raise PermissionError("disk full")
+        real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
-        cli.main(["caption", str(folder), "--out", str(out)])
+    status, _, err = run(["caption", str(folder), "--out", str(out)], capsys)
+    assert status == 2, err  # a clear error, not a traceback
+    assert f"magic-edu caption: error: --out {out}: cannot write it: disk full" in err
     assert out.read_text() == before and leftovers(tmp_path) == []
+
+
+def test_an_unwritable_out_is_a_clear_error(fake, folder, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"  # a file where --out needs a folder (as root, chmod would not stop writes)
+    blocker.write_text("x")
+    status, _, err = run(["caption", str(folder), "--out", str(blocker / "r.json")], capsys)
+    assert status == 2 and "cannot create its folder" in err and "Traceback" not in err
+    assert fake.loads == [] and blocker.read_text() == "x"
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_the_lock(fake, folder, tmp_path, capsys):
+    import filelock
+
+    out = tmp_path / "results.json"
+    run(["caption", str(folder / "img0.png"), "--out", str(out)], capsys)
+    before = out.read_text()
+    settings_before = (tmp_path / "results.settings.json").read_text()
+    fake.calls = []
+    with filelock.FileLock(str(out) + ".lock"):  # the other run
+        status, _, err = run(["caption", str(folder), "--out", str(out), "--decoder", "greedy"], capsys)
+    assert status == 2
+    assert f"another magic-edu caption is writing {out}; wait for it or choose another --out" in err
+    assert out.read_text() == before and (tmp_path / "results.settings.json").read_text() == settings_before
+    assert fake.calls == [] and fake.loads == ["toy"]  # only the first run loaded models
+    # the lock is free again: the same command now works
+    assert run(["caption", str(folder), "--out", str(out)], capsys)[0] == 0
+
+
+def test_the_settings_sidecar_and_a_resume_with_other_settings(fake, folder, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["caption", str(folder / "img0.png"), "--out", str(out), "--decoder", "top-k", "--k", "3",
+            "--max-new-tokens", "5"]
+    assert run(argv, capsys)[0] == 0
+    sidecar = tmp_path / "r.settings.json"
+    assert json.loads(sidecar.read_text()) == {
+        "format": "magic_edu.caption_settings", "version": 1, "preset": "toy", "decoder": "top_k",
+        "params": {"k": 3}, "max_new_tokens": 5, "seed": 0}
+
+    # a resume with the same settings (another spelling of the decoder) works as before
+    fake.calls = []
+    status, _, err = run(["caption", str(folder / "img0.png"), str(folder / "img1.png"), "--out", str(out),
+                          "--decoder", "top_k", "--k", "3", "--max-new-tokens", "5", "--seed", "0"], capsys)
+    assert status == 0 and "1 of 2 images already in" in err and len(fake.calls) == 1
+    written = out.read_text()
+
+    for other, differs in [(["--decoder", "top-k", "--k", "4", "--max-new-tokens", "5"], "k 3 before, 4 now"),
+                           (["--decoder", "top-k", "--k", "3"], "max_new_tokens 5 before, (the preset's) now"),
+                           (["--decoder", "top-k", "--k", "3", "--max-new-tokens", "5", "--seed", "1"],
+                            "seed 0 before, 1 now"),
+                           (["--decoder", "greedy", "--max-new-tokens", "5"], 'decoder "top_k" before, "greedy" now'),
+                           (["--decoder", "top-k", "--k", "3", "--max-new-tokens", "5", "--preset", "paper"],
+                            'preset "toy" before, "paper" now')]:
+        fake.calls = []
+        status, _, err = run(["caption", str(folder), "--out", str(out), *other], capsys)
+        assert status == 2 and differs in err and "choose a new --out" in err, (other, err)
+        assert fake.calls == [] and out.read_text() == written
+    assert json.loads(sidecar.read_text())["params"] == {"k": 3}
+
+    # a new --out takes any settings; the registry's default of a parameter no preset sets is written out
+    assert run(["caption", str(folder / "img0.png"), "--out", str(tmp_path / "n.json"), "--decoder", "top-k"],
+               capsys)[0] == 0
+    default_k = DECODERS["top_k"].param("k").default
+    assert json.loads((tmp_path / "n.settings.json").read_text())["params"] == {"k": default_k}
+    # magic: the preset's parameters stay null (the preset's value) unless given
+    assert run(["caption", str(folder / "img0.png"), "--out", str(tmp_path / "m.json"), "--beta", "1.5"],
+               capsys)[0] == 0
+    assert json.loads((tmp_path / "m.settings.json").read_text())["params"] == {
+        "k": None, "alpha": None, "beta": 1.5, "clip_text_max_len": None}
+
+
+def test_a_result_file_without_a_sidecar_resumes_and_gets_one(fake, folder, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps(expected_entries()[:1]))  # written before sidecars existed
+    status, _, err = run(["caption", str(folder / "img0.png"), str(folder / "img1.png"), "--out", str(out)], capsys)
+    assert status == 0 and "1 of 2 images already in" in err
+    assert json.loads((tmp_path / "r.settings.json").read_text())["decoder"] == "magic"
+
+
+@pytest.mark.parametrize("inputs", [["missing-folder"], ["empty"], ["empty", "nope.png"]])
+def test_no_images_at_all_is_an_error(fake, tmp_path, capsys, inputs):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    out = tmp_path / "r.json"
+    status, _, err = run(["caption", *[str(tmp_path / i) for i in inputs], "--out", str(out)], capsys)
+    assert status == 2 and "no images to caption" in err and "0 captions" not in err
+    assert not out.exists() and fake.loads == []
+    if "nope.png" in inputs:
+        assert "nope.png: no such file or folder" in err
+
+
+def test_an_interruption_while_writing_counts_only_the_captions_written(fake, folder, tmp_path, capsys,
+                                                                         monkeypatch):
+    out = tmp_path / "results.json"
+    real_replace, writes = os.replace, []
+
+    def interrupted_replace(src, dst):
+        if Path(dst).name == "results.json":
+            writes.append(dst)
+            if len(writes) == 2:  # Ctrl-C while the second batch is being written
+                raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    status, _, err = run(["caption", str(folder), "--out", str(out), "--batch-size", "2"], capsys)
+    assert status == 130
+    assert "interrupted: 2 captions are in" in err
+    assert len(json.loads(out.read_text())) == 2 and leftovers(tmp_path) == []
+
+
+def test_stale_temporary_files_of_a_killed_run_are_removed(fake, folder, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    stale = [tmp_path / ".results.json.ab_12xyz.tmp", tmp_path / ".results.settings.json.q1w2e3r4.tmp",
+             tmp_path / ".results.skipped.json.zzzzzzzz.tmp"]
+    keep = [tmp_path / ".other.json.ab12xyzq.tmp", tmp_path / "results.json.tmp", tmp_path / ".results.json.x.y.tmp"]
+    for path in stale + keep:
+        path.write_text("{half a fi")
+    status, _, err = run(["caption", str(folder / "img0.png"), "--out", str(out)], capsys)
+    assert status == 0 and "removed 3 temporary file(s)" in err
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in keep)
 
 
 def test_caption_files_references_and_missing_paths(fake, folder, tmp_path, capsys):

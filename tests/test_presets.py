@@ -510,3 +510,11 @@ def test_a_model_without_preset_takes_the_registrys_defaults(tiny_lm, tiny_clip)
     magic = DECODERS["magic"]
     assert {p.name: settings[p.name] for p in magic.params} == {p.name: p.default for p in magic.params}
     assert settings["from_preset"] == [] and settings["max_new_tokens"] == 16
+
+
+@pytest.mark.parametrize("bad, name", [({"k": 0}, "k"), ({"alpha": 5}, "alpha"), ({"beta": -1}, "beta"),
+                                       ({"max_new_tokens": 0}, "max_new_tokens"), ({"k": "ten"}, "k")])
+def test_toy_defaults_out_of_range_are_refused_at_load(toy_env, bad, name):
+    (toy_env / "toy" / "defaults.json").write_text(json.dumps(dict(TOY_DEFAULTS, **bad)))
+    with pytest.raises(MagicEduError, match=f"out of range: {name} must be"):
+        load_models("toy")

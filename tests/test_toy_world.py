@@ -139,3 +139,11 @@ def test_miniature_training_runs(tmp_path, capsys):
     assert cli.main(["toy", "--report", "--out", str(tmp_path), "--scenes", "3", "--threads", "1"]) == 0
     report = capsys.readouterr().out
     assert "| MAGIC" in report and "A toy MAGIC caption takes" in report
+
+
+def test_training_needs_an_explicit_output_folder(capsys):
+    """`magic-edu toy` alone must not retrain into ./data/toy (the bundled models, from the repository root)."""
+    from magic_edu.tools import cli
+
+    assert cli.main(["toy", "--threads", "1"]) == 2
+    assert "--out: give the folder to train into" in capsys.readouterr().err

@@ -475,5 +475,14 @@ def add_bench_command(subparsers: Any) -> None:
 
 
 def _run_bench_command(args: Any) -> int:
+    if args.repeats < 1:
+        raise MagicEduError(f"--repeats must be at least 1; got {args.repeats}")
+    try:
+        device = torch.device(args.device) if args.device is not None else None
+    except RuntimeError:
+        raise MagicEduError(f"--device must be a torch device such as cpu, cuda or cuda:1; got {args.device!r}"
+                            ) from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise MagicEduError(f"--device {args.device}: no CUDA GPU on this machine; use --device cpu")
     run_benchmarks(args.models, args.device, args.repeats, not args.no_reference, memory=not args.no_memory)
     return 0

@@ -14,7 +14,10 @@ The function sets ``func``: called with the parsed arguments, it returns the exi
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import os
+import re
 import sys
 import warnings
 import zlib
@@ -74,7 +77,9 @@ def add_caption_command(subparsers: Any) -> None:
         "caption", help="caption a folder (or a list) of images into a result file",
         description="Caption images into the evaluate format. Resumable: images already in --out are "
                     "skipped, and --out is rewritten atomically after every batch. Unreadable images "
-                    "are skipped with the reason, printed and listed in <out stem>.skipped.json.")
+                    "are skipped with the reason, printed and listed in <out stem>.skipped.json. The settings are "
+                    "kept in <out stem>.settings.json (a resume with other settings is refused), and "
+                    "<out>.lock keeps a second run from writing the same --out.")
     p.add_argument("images", nargs="+", help="image files and/or folders (their image files, not recursive)")
     p.add_argument("--out", required=True, help="the result file to write (and resume from)")
     p.add_argument("--preset", default="toy", help="model preset for magic_edu.load_models (default: toy)")
@@ -92,22 +97,64 @@ def add_caption_command(subparsers: Any) -> None:
     p.set_defaults(func=run_caption)
 
 
-def run_caption(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+SETTINGS_FORMAT = "magic_edu.caption_settings"
 
-    from ..trace import write_json_atomic
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Caption ``args.images`` into ``args.out``, holding ``<out>.lock`` for the whole run (a
+    second run on the same --out is refused), with the settings in ``<out stem>.settings.json``
+    (a resume with other settings is refused)."""
+    from filelock import FileLock, Timeout
 
     if args.batch_size < 1:
         raise MagicEduError(f"--batch-size must be at least 1; got {args.batch_size}")
     decoder, _ = decoder_arguments(args)  # a bad setting fails here, before any model loads
     out = Path(args.out)
-    skipped_path = out.with_name(out.stem + ".skipped.json")
+    if out.is_dir():
+        raise MagicEduError(f"--out {out} is a folder; give a file name such as {out / 'results.json'}")
     found, skipped = collect_images(args.images)
+    if not found:
+        missing = "".join(f"; {s['path']}: {s['reason']}" for s in skipped)
+        raise MagicEduError(f"no images to caption in {' '.join(args.images)} (image files end in "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))}){missing}")
     refs = read_references(args.references) if args.references else {}
 
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise MagicEduError(f"--out {out}: cannot create its folder ({err})") from None
+    lock = FileLock(str(out) + ".lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise MagicEduError(f"another magic-edu caption is writing {out}; wait for it or choose another --out"
+                            ) from None
+    except OSError as err:
+        raise MagicEduError(f"--out {out}: cannot create its lock file {out}.lock ({err})") from None
+    try:
+        return _caption_locked(args, decoder, out, found, skipped, refs)
+    finally:
+        lock.release()
+
+
+def _caption_locked(args: argparse.Namespace, decoder: Decoder, out: Path, found: list[tuple[str, Path]],
+                    skipped: list[dict[str, str]], refs: dict[str, list[str]]) -> int:
+    from tqdm import tqdm
+
+    skipped_path = out.with_name(out.stem + ".skipped.json")
+    settings_path = out.with_name(out.stem + ".settings.json")
+    stale = [p for path in (out, skipped_path, settings_path) for p in remove_stale_temporary_files(path)]
+    if stale:
+        print(f"removed {len(stale)} temporary file(s) a killed earlier run left: {', '.join(p.name for p in stale)}",
+              file=sys.stderr)
+
     entries = read_previous_results(out)
+    settings = caption_settings(args, decoder)
+    check_settings(settings_path, settings, out, resuming=bool(entries))
+    write_out(settings_path, settings, out)
     for entry in entries:
         entry["captions"] = refs.get(entry["image_name"], entry["captions"])
+    written = len(entries)  # captions that are in the file
     done = {e["image_name"] for e in entries}
     todo = [(name, path) for name, path in found if name not in done]
     print(f"{len(found) - len(todo)} of {len(found)} images already in {out}; captioning {len(todo)}",
@@ -125,18 +172,19 @@ def run_caption(args: argparse.Namespace) -> int:
                     new, failed = caption_batch(batch, decode, refs)
                     entries += new
                     skipped += failed
-                    write_json_atomic(out, entries)
+                    write_out(out, entries, out)
+                    written = len(entries)
                     if skipped:
-                        write_json_atomic(skipped_path, skipped)
+                        write_out(skipped_path, skipped, out)
                     bar.update(len(batch))
         elif refs and entries:
-            write_json_atomic(out, entries)
+            write_out(out, entries, out)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: {len(entries)} captions are in {out}; run the same command again to continue",
+        print(f"\ninterrupted: {written} captions are in {out}; run the same command again to continue",
               file=sys.stderr)
         return 130
     if skipped:
-        write_json_atomic(skipped_path, skipped)
+        write_out(skipped_path, skipped, out)
         print(f"skipped {len(skipped)} images (also listed in {skipped_path}):", file=sys.stderr)
         for s in skipped:
             print(f"  {s['path']}: {s['reason']}", file=sys.stderr)
@@ -144,6 +192,86 @@ def run_caption(args: argparse.Namespace) -> int:
         skipped_path.unlink()  # a stale list from an earlier run; those images are captioned now
     print(f"{len(entries)} captions in {out}", file=sys.stderr)
     return 0
+
+
+def write_out(path: Path, data: Any, out: Path) -> None:
+    """write_json_atomic, with a failure to write (permissions, a full disk) a MagicEduError."""
+    from ..trace import write_json_atomic
+
+    try:
+        write_json_atomic(path, data)
+    except OSError as err:
+        shown = "" if path == out else f" ({path.name})"
+        raise MagicEduError(f"--out {out}: cannot write it{shown}: {err}") from None
+
+
+def remove_stale_temporary_files(path: Path) -> list[Path]:
+    """Remove the temporary files ``.<name>.<random>.tmp`` that write_json_atomic makes next to
+    ``path`` (or next to the file a link ``path`` points to) and that a killed run left behind.
+    Only call it while holding the lock of the run that writes ``path``."""
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    pattern = re.compile(re.escape(f".{target.name}.") + r"[A-Za-z0-9_]+\.tmp")
+    removed = []
+    for name in glob.glob(glob.escape(f"{target.parent}/.{target.name}.") + "*.tmp"):
+        stale = Path(name)
+        if pattern.fullmatch(stale.name) and (stale.is_file() or stale.is_symlink()):
+            try:
+                stale.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(stale)
+    return removed
+
+
+def caption_settings(args: argparse.Namespace, decoder: Decoder) -> dict[str, Any]:
+    """What decides the captions: the preset, the decoder and each of its parameters (the value
+    given; else the registry's default for a parameter a preset does not set; else null, the
+    preset's value), max_new_tokens (null: the preset's) and the seed of a sampling decoder."""
+    _, given = decoder_arguments(args)
+    params: dict[str, Any] = {}
+    for p in decoder.params:
+        if p.name == "seed":
+            continue
+        value = given.get(p.name)
+        params[p.name] = value if value is not None else (None if p.from_preset else p.default)
+    return {
+        "format": SETTINGS_FORMAT, "version": 1, "preset": args.preset, "decoder": decoder.name, "params": params,
+        MAX_NEW_TOKENS.name: given.get(MAX_NEW_TOKENS.name),
+        "seed": (0 if args.seed is None else args.seed) if decoder.samples else None,
+    }
+
+
+def check_settings(path: Path, settings: dict[str, Any], out: Path, resuming: bool) -> None:
+    """Refuse to resume ``out`` with settings other than those of its sidecar ``path``."""
+    if not resuming or not path.exists():
+        return  # a new run (any old sidecar is stale), or a result file from before the sidecar
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise MagicEduError(f"--out {out}: its settings file {path} is not readable ({err}); "
+                            "remove it to resume with these settings, or choose another --out") from None
+    if not isinstance(before, dict) or before.get("format") != SETTINGS_FORMAT:
+        raise MagicEduError(f"--out {out}: {path} is not a magic-edu caption settings file; "
+                            "remove it to resume with these settings, or choose another --out")
+    now = json.loads(json.dumps(settings))
+    differ = []
+    for key in ("preset", "decoder", MAX_NEW_TOKENS.name, "seed"):
+        if before.get(key) != now[key]:
+            differ.append(f"{key} {_shown(before.get(key), key)} before, {_shown(now[key], key)} now")
+    if before.get("decoder") == now["decoder"]:
+        old = before.get("params") if isinstance(before.get("params"), dict) else {}
+        for name in sorted(set(old) | set(now["params"])):
+            if old.get(name) != now["params"].get(name):
+                differ.append(f"{name} {_shown(old.get(name))} before, {_shown(now['params'].get(name))} now")
+    if differ:
+        raise MagicEduError(f"--out {out} was captioned with other settings ({'; '.join(differ)}; see {path}); "
+                            "resume with the same settings, or choose a new --out for these")
+
+
+def _shown(value: Any, key: str = "") -> str:
+    if value is None:
+        return "none" if key in ("seed", "preset", "decoder") else "(the preset's)"
+    return json.dumps(value)
 
 
 def read_previous_results(out: Path) -> list[dict[str, Any]]:

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MagicEduError
+from ..presets import data_dir
 from . import shapes
 from .clip_training import train_clip
 from .config import QUICK, TrainConfig
@@ -101,7 +103,9 @@ def train_toy_world(out: Path, cfg: TrainConfig) -> dict:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="data/toy", help="the toy folder (default data/toy)")
+    p.add_argument("--out", default=None,
+                   help="the toy folder to train into (required: retraining replaces its models); "
+                        "--report reads the bundled one unless given")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a miniature run (tests): under a minute, poor models")
@@ -116,7 +120,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train (default), ``--report`` or ``--tune-only``, as parsed by :func:`_add_arguments`."""
-    out = Path(args.out)
+    if args.out is None and not args.report:
+        raise MagicEduError("--out: give the folder to train into (e.g. --out my_toy); it is required because "
+                            "training replaces the models there, and the bundled ones live in data/toy")
+    out = Path(args.out) if args.out is not None else data_dir() / "toy"
     if args.report:
         from transformers.utils import logging as hf_logging
 
@@ -142,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_toy_command(subparsers) -> None:
-    """``magic-edu toy [--report | --tune-only | --quick] [--out data/toy]``."""
+    """``magic-edu toy --out DIR [--quick | --tune-only]`` or ``magic-edu toy --report [--out DIR]``."""
     p = subparsers.add_parser(
         "toy", help="train the offline toy world's models, or print its results table (--report)",
         description="Train ShapesWorld's LM (SimCTG + MLE twin) and CLIP from scratch into --out, "
@@ -154,7 +161,10 @@ def add_toy_command(subparsers) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Train ShapesWorld's LM (SimCTG + MLE twin) and CLIP from scratch.")
     _add_arguments(p)
-    raise SystemExit(run(p.parse_args(argv)))
+    try:
+        raise SystemExit(run(p.parse_args(argv)))
+    except MagicEduError as err:
+        p.error(str(err))
 
 
 if __name__ == "__main__":
