@@ -308,15 +308,21 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename, so a
-    crash never leaves a truncated file behind.
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 1, newline: bool = False) -> Path:
+    """Write ``data`` as JSON to ``path`` atomically (:func:`write_text_atomic`); NaN and
+    infinities are written as ``null`` (strict JSON)."""
+    text = json.dumps(_finite(data), indent=indent, default=_json_default, allow_nan=False)
+    return write_text_atomic(path, text + ("\n" if newline else ""))
 
-    NaN and infinities are written as ``null`` (strict JSON). A symbolic link stays a link:
-    the file it points to is replaced. An existing file keeps its permission bits (a new one
-    gets 0644). A path that exists but is not a regular file (a folder, /dev/null, a FIFO) is
-    a :class:`MagicEduError`; the temporary file (``.<name>.<random>.tmp`` next to the target)
-    is removed on any failure."""
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and a rename, so a crash
+    never leaves a truncated file behind.
+
+    A symbolic link stays a link: the file it points to is replaced. An existing file keeps its
+    permission bits (a new one gets 0644). A path that exists but is not a regular file (a
+    folder, /dev/null, a FIFO) is a :class:`MagicEduError`; the temporary file
+    (``.<name>.<random>.tmp`` next to the target) is removed on any failure."""
     given = Path(path)
     target = Path(os.path.realpath(given)) if given.is_symlink() else given
     mode = 0o644  # mkstemp makes files owner-only; a result file is for sharing
@@ -330,7 +336,6 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
             shown = f"{given} (-> {target})" if target != given else str(given)
             raise MagicEduError(f"cannot write {shown}: it is {kind}")
         mode = stat.S_IMODE(st.st_mode)
-    text = json.dumps(_finite(data), indent=1, default=_json_default, allow_nan=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:

@@ -446,3 +446,29 @@ def test_evaluate_rejects_mixed_references_and_missing_images(fake_clip, tmp_pat
         evaluate([entry("1.jpg", [], "red")], clip=fake_clip, images_dir=tmp_path)
     with pytest.raises(MagicEduError, match="both clip= .* and images_dir="):
         evaluate([entry("1.jpg", [], "red")], clip=fake_clip)
+
+
+def test_deeply_nested_json_is_a_clear_error_not_a_recursion_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100000)
+    with pytest.raises(MagicEduError, match="deep.json nests its JSON too deeply"):
+        load_results(path)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x.png", "a/../../x", "sub/../1.jpg"])
+def test_evaluate_refuses_image_names_outside_the_folder_before_any_clip_work(fake_clip, tmp_path, name):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    (images / "1.jpg").write_bytes(b"x")
+    (tmp_path / "x.png").write_bytes(b"x")
+    with pytest.raises(MagicEduError, match=r"entry 1: image_name .* image names must be file names inside"):
+        evaluate([entry("1.jpg", [], "red"), entry(name, [], "blue")], clip=fake_clip, images_dir=images)
+    assert fake_clip.text_calls == []
+
+
+def test_evaluate_accepts_image_names_in_a_sub_folder(fake_clip, tmp_path):
+    (tmp_path / "val").mkdir()
+    (tmp_path / "val" / "1.jpg").write_bytes(b"x")
+    with pytest.warns(UserWarning, match="no reference captions"):
+        table = evaluate([entry("val/1.jpg", [], "red")], clip=fake_clip, images_dir=tmp_path)
+    assert table["CLIP-S"].iloc[0] == pytest.approx(1.5, abs=1e-6)

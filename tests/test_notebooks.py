@@ -105,3 +105,39 @@ def test_notebook_runs_headless(name):
     assert sorted(result.solutions) == checks, "an exercise's solution was not run"
     wrong = {i: v for i, v in result.solutions.items() if not v.startswith(nt.RIGHT_MARK)}
     assert not wrong, f"hidden solutions the checkers do not accept: {wrong}"
+
+
+def test_write_is_atomic_leaves_no_temporary_file_and_keeps_the_format(tmp_path, monkeypatch):
+    import json
+
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_markdown_cell("# Título"), nbformat.v4.new_code_cell("1 + 1", execution_count=1)]
+    path = tmp_path / "small.ipynb"
+    nt.write(nb, path)
+    assert path.read_bytes() == (nbformat.writes(nb) + "\n").encode("utf-8")
+    assert os.listdir(tmp_path) == ["small.ipynb"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+    path.chmod(0o600)
+    nt.write(nb, path)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600)  # an existing file keeps its mode
+
+    before = path.read_bytes()
+    nb.cells[0].source = "# changed"
+
+    def fail(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(nt.os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        nt.write(nb, path)
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["small.ipynb"]
+    monkeypatch.undo()
+
+    times = nt.write_run_times({"b.ipynb": 2.04, "a.ipynb": 1.0}, folder=tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [nt.RUN_TIMES, "small.ipynb"]
+    text = times.read_text(encoding="utf-8")
+    data = json.loads(text)
+    assert text == json.dumps(data, indent=1) + "\n"
+    assert data["notebooks"] == {"a.ipynb": 1.0, "b.ipynb": 2.0}

@@ -147,3 +147,16 @@ def test_training_needs_an_explicit_output_folder(capsys):
 
     assert cli.main(["toy", "--threads", "1"]) == 2
     assert "--out: give the folder to train into" in capsys.readouterr().err
+
+
+def test_write_defaults_is_atomic_and_keeps_the_committed_format(tmp_path):
+    import os
+
+    from magic_edu.toyworld.train import write_defaults
+
+    committed = (TOY / "defaults.json").read_bytes()
+    scores = {"caption": [0.5]}
+    assert write_defaults(tmp_path, {**json.loads(committed), "tuning": scores}) == scores
+    assert (tmp_path / "defaults.json").read_bytes() == committed  # same bytes: indent 2 and a newline
+    assert os.listdir(tmp_path) == ["defaults.json"]  # no temporary file left
+    assert oct((tmp_path / "defaults.json").stat().st_mode & 0o777) == oct(0o644)

@@ -198,9 +198,13 @@ def test_bad_settings_show_a_message_in_the_widget(models, image):
     w.next_button.click()
     w.prompt.value = "a red circle " * 60  # longer than the model's context
     assert "Problem" in w.message.value and "prompt" in w.message.value
-    assert len(w.trace.steps) == 1  # the previous decode stays
+    # no stale decode: nothing to step until the settings are fixed
+    assert w.trace is None and w.next_button.disabled and "no decode" in w.text_view.value
+    w.next()
+    assert "fix the settings" in w.message.value
     w.prompt.value = ""
     no_error(w)
+    assert len(w.trace.steps) == 1 and w.trace.settings["prompt"] is None  # as far as before, new settings
     w.force(99)
     assert "candidate index" in w.message.value
 
@@ -362,3 +366,16 @@ def test_widgets_on_the_toy_models():
     sweep.run_button.click()
     no_error(sweep)
     assert len(sweep.frame) == 2
+
+
+def test_an_invalid_seed_blocks_stepping_until_fixed(models, image):
+    """The hardening issue's probe: seed -1, then Next, must not step the old decode."""
+    w = StepThrough(models, image, decoder="top_k")
+    w.next_button.click()
+    w.seed.value = -1
+    assert "seed" in w.message.value and w.trace is None
+    w.next_button.click()  # a click on a disabled button still reaches the handler in tests
+    assert w.trace is None and "fix the settings" in w.message.value
+    w.seed.value = 3
+    no_error(w)
+    assert w.trace.settings["seed"] == 3 and len(w.trace.steps) == 1

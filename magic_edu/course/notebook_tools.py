@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..trace import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = ROOT / "notebooks"
 RUN_TIMES = "run_times.json"
@@ -248,10 +250,7 @@ def write(nb: Any, path: str | os.PathLike) -> None:
     import nbformat
 
     nbformat.validate(nb)
-    text = nbformat.writes(nb) + "\n"
-    tmp = Path(path).with_suffix(".ipynb.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, nbformat.writes(nb) + "\n")
 
 
 # -- checking ----------------------------------------------------------------------------
@@ -333,7 +332,7 @@ def write_run_times(times: dict[str, float], folder: str | os.PathLike = NOTEBOO
     data["measured"] = time.strftime("%Y-%m-%d")
     data["note"] = "wall time of python -m magic_edu.course.notebook_tools run: kernel start to last cell, toy world"
     path = Path(folder) / RUN_TIMES
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(path, json.dumps(data, indent=1) + "\n")  # the committed file's format
     return path
 
 

@@ -28,7 +28,7 @@ import subprocess
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import SimpleNamespace
 from typing import Any, Union
 
@@ -67,6 +67,9 @@ def load_results(path_or_list: ResultsLike, require_references: bool = True) -> 
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise MagicEduError(f"{path} is not JSON ({err}); expected a list of "
+                                '{"image_name", "captions", "prediction"} objects') from None
+        except RecursionError:
+            raise MagicEduError(f"{path} nests its JSON too deeply to be read; expected a flat list of "
                                 '{"image_name", "captions", "prediction"} objects') from None
     else:
         data = path_or_list
@@ -339,7 +342,8 @@ def evaluate(
 ) -> pd.DataFrame:
     """One row of scores for a result file: COCO metrics (when it has references),
     rep-2/3/4 and diversity of the predictions, CLIP-S (and RefCLIP-S with references)
-    when ``clip`` and ``images_dir`` (holding the ``image_name`` files) are given.
+    when ``clip`` and ``images_dir`` (holding the ``image_name`` files) are given. Image
+    names must stay inside ``images_dir``: an absolute name or one with ``..`` is refused.
 
     Skipped metrics are explained in ``table.attrs["notes"]`` and as warnings.
     ``pd.concat([evaluate(a), evaluate(b)])`` compares runs.
@@ -353,6 +357,16 @@ def evaluate(
         i = has_refs.index(False)
         raise MagicEduError(f"entry {i}: 'captions' is empty while other entries have references")
 
+    if (clip is None) != (images_dir is None):
+        raise MagicEduError("CLIPScore needs both clip= (an ImageTextMatcher) and images_dir=")
+    paths: list[Path] = []
+    if clip is not None:  # checked before the (slow) metrics, so a bad name fails at once
+        paths = [_image_path(images_dir, i, e["image_name"]) for i, e in enumerate(entries)]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise MagicEduError(f"{len(missing)} images named in the results are not in {images_dir}, "
+                                f"e.g. {missing[0]}")
+
     row: dict[str, float] = {}
     notes: list[str] = []
     if all(has_refs):
@@ -362,14 +376,7 @@ def evaluate(
         notes.append("no reference captions: BLEU, METEOR, ROUGE-L, CIDEr and SPICE skipped")
     row.update(repetition_and_diversity(predictions))
 
-    if (clip is None) != (images_dir is None):
-        raise MagicEduError("CLIPScore needs both clip= (an ImageTextMatcher) and images_dir=")
     if clip is not None:
-        paths = [Path(images_dir) / e["image_name"] for e in entries]
-        missing = [str(p) for p in paths if not p.is_file()]
-        if missing:
-            raise MagicEduError(f"{len(missing)} images named in the results are not in {images_dir}, "
-                                f"e.g. {missing[0]}")
         refs = [e["captions"] for e in entries] if all(has_refs) else None
         clip_s, ref_s = _clip_scores(clip, [str(p) for p in paths], predictions, refs, batch_size=32)
         row["CLIP-S"] = float(np.mean(clip_s))
@@ -382,6 +389,18 @@ def evaluate(
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return table
+
+
+def _image_path(images_dir: str | os.PathLike, i: int, name: str) -> Path:
+    """``images_dir / name``, refusing a name that leaves the folder: an absolute path or one
+    with a ``..`` part (``../x.png``, ``a/../../x``). Sub-folders (``val2014/x.jpg``) are fine.
+    The check is on the name's text: a symbolic link inside the folder is followed, since the
+    folder and its links are the user's own; only the result file's names are distrusted."""
+    rel = PurePath(name)
+    if rel.is_absolute() or rel.anchor or ".." in rel.parts:
+        raise MagicEduError(f"entry {i}: image_name {name!r} points outside {images_dir}; image names must be "
+                            f"file names inside the images folder (no absolute paths, no '..')")
+    return Path(images_dir) / rel
 
 
 def table_to_dict(table: pd.DataFrame) -> dict[str, float | int | None]:

@@ -33,6 +33,7 @@ import torch
 
 from ..errors import MagicEduError
 from ..presets import data_dir
+from ..trace import write_json_atomic
 from . import shapes
 from .clip_training import train_clip
 from .config import QUICK, TrainConfig
@@ -49,7 +50,7 @@ def _lm_process(out: str, cfg: TrainConfig, queue) -> None:
 def write_defaults(out: Path, defaults: dict) -> dict | None:
     """Write ``defaults.json`` (the settings without their ``tuning`` scores); return those scores."""
     tuning = defaults.pop("tuning", None)
-    (out / "defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    write_json_atomic(out / "defaults.json", defaults, indent=2, newline=True)  # the committed format
     return tuning
 
 
@@ -94,7 +95,7 @@ def train_toy_world(out: Path, cfg: TrainConfig) -> dict:
     summary["defaults"] = defaults
     summary["total_seconds"] = round(time.time() - t0, 1)
     summary["megabytes"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6, 2)
-    (out / "training_summary.json").write_text(json.dumps({**summary, "tuning": tuning}, indent=2) + "\n")
+    write_json_atomic(out / "training_summary.json", {**summary, "tuning": tuning}, indent=2, newline=True)
     return summary
 
 

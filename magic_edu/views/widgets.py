@@ -402,6 +402,7 @@ class StepThrough(W.VBox):
         self.show_plot = plot
         self.stepper: Stepper | None = None
         self._view: int | None = None  # the step shown; None = the latest
+        self._reached = (False, 0)  # (had ended, steps taken) of the last decode: a new one goes as far
         self._plotted: StepRecord | None = None
         self._png_cache: dict[int, tuple[StepRecord, bytes]] = {}  # id(record) -> (record, its plot)
         self._syncing = False
@@ -476,15 +477,26 @@ class StepThrough(W.VBox):
 
     @guarded
     def restart(self) -> None:
-        """A new decode with the current settings, taken as far as the previous one had gone."""
+        """A new decode with the current settings, taken as far as the previous one had gone.
+
+        While the settings are not valid there is no decode (the buttons are off and Next says
+        so), so what is shown always matches the controls, never an older decode."""
         self._enable_controls()
-        old = self.stepper
+        if self.stepper is not None:
+            self._reached = (self.stepper.done, self.stepper.step_index)
+        self.stepper, self._view = None, None
+        self._show_no_decode()
         stepper = self._new_stepper()
-        self.stepper, self._view = stepper, None
-        if old is not None:
-            while not stepper.done and (old.done or stepper.step_index < old.step_index):
-                stepper.step()
+        done, reached = self._reached
+        while not stepper.done and (done or stepper.step_index < reached):
+            stepper.step()
+        self.stepper = stepper
         self._render()
+
+    def _show_no_decode(self) -> None:
+        for button in (self.next_button, self.back_button, self.reset_button, self.run_button):
+            button.disabled = True
+        self.text_view.value = "<i>(no decode: the settings above need fixing)</i>"
 
     def _new_stepper(self) -> Stepper:
         decoder = get_decoder(self.decoder.value)
