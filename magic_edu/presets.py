@@ -41,6 +41,7 @@ PAPER_PAD = "<-pad->"
 PAPER_CLIP = "ViT-B-32-quickgelu"
 PAPER_CLIP_WEIGHTS = "openai"
 DATA_ENV = "MAGIC_EDU_DATA"
+HUB_PROBE_TIMEOUT_S = 10  # a hub that has not answered one request by then counts as unreachable
 SETTING_KEYS = ("k", "alpha", "beta", "max_new_tokens")
 
 # Weight files transformers looks for, any one of which means an LM checkpoint is cached.
@@ -324,7 +325,7 @@ def _fetch(model: _HubModel) -> bool:
     """Download the model's probe file (the hub's progress bar); False if the hub cannot be reached."""
     from huggingface_hub import constants, hf_hub_download
 
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE or not _hub_answers(model):
         return False
     try:
         hf_hub_download(model.repo_id, model.probe)
@@ -332,6 +333,20 @@ def _fetch(model: _HubModel) -> bool:
         if _unavailable(err):
             return False
         # any other answer (e.g. the file does not exist on the hub) is for the loader to report
+    return True
+
+
+def _hub_answers(model: _HubModel) -> bool:
+    """One request for the probe file's headers, with a short timeout and no retries: the hub's
+    own downloader retries a silent server with back-off for minutes (398 s measured with a
+    server that accepts connections and never answers), so a user hears within seconds."""
+    from huggingface_hub import constants, get_session
+
+    url = f"{constants.ENDPOINT}/{model.repo_id}/resolve/main/{model.probe}"
+    try:
+        get_session().head(url, timeout=HUB_PROBE_TIMEOUT_S, follow_redirects=False)
+    except Exception:  # noqa: BLE001 (no answer of any kind: not reachable, whatever the reason)
+        return False
     return True
 
 

@@ -583,3 +583,38 @@ def test_caption_then_evaluate_end_to_end_on_the_toy_preset(folder, tmp_path, ca
     status, text, _ = run(["evaluate", str(out), "--json", "--images", str(folder), "--preset", "toy"], capsys)
     scores = json.loads(text)
     assert status == 0 and scores["images"] == 5 and 0 <= scores["CLIP-S"] <= 2.5 and "BLEU-1" not in scores
+
+
+def test_fuzzed_images_through_caption_are_captioned_or_skipped_never_fatal(fake, tmp_path, capsys):
+    """The hardening issue's corpus through the batch CLI: mutated PNG/JPEG/GIF files, a 45-byte
+    PNG declaring 50000 x 50000 and a 1 x 100000 strip; the run finishes, every file is either
+    captioned or in the skipped list with its reason, and load_image agrees on which."""
+    import random
+
+    from test_inputs import encoded, mutate, png_header_only
+
+    from magic_edu.inputs import load_image
+
+    images = tmp_path / "fuzz"
+    images.mkdir()
+    rng = random.Random(7)
+    seeds = {"png": encoded("PNG"), "jpg": encoded("JPEG", 3, (24, 17)), "gif": encoded("GIF", 4, (11, 14))}
+    for i in range(120):
+        suffix = rng.choice(sorted(seeds))
+        (images / f"f{i:03d}.{suffix}").write_bytes(mutate(seeds[suffix], rng))
+    (images / "bomb.png").write_bytes(png_header_only(50000, 50000))
+    Image.new("L", (1, 100000)).save(images / "strip.png")
+    status, _, _ = run(["caption", str(images), "--out", str(tmp_path / "r.json"), "--batch-size", "16",
+                        "--decoder", "greedy"], capsys)
+    assert status == 0
+    captioned = {e["image_name"] for e in json.loads((tmp_path / "r.json").read_text())}
+    skipped = {s["image_name"]: s["reason"] for s in json.loads((tmp_path / "r.skipped.json").read_text())}
+    assert {"bomb.png", "strip.png"} <= set(skipped) and not captioned & set(skipped)
+    assert captioned | set(skipped) == {p.name for p in images.iterdir()}
+    for name in sorted(captioned | set(skipped)):
+        try:
+            load_image(images / name)
+            loads = True
+        except magic_edu.MagicEduError:
+            loads = False
+        assert loads == (name in captioned), (name, skipped.get(name))

@@ -518,3 +518,32 @@ def test_toy_defaults_out_of_range_are_refused_at_load(toy_env, bad, name):
     (toy_env / "toy" / "defaults.json").write_text(json.dumps(dict(TOY_DEFAULTS, **bad)))
     with pytest.raises(MagicEduError, match=f"out of range: {name} must be"):
         load_models("toy")
+
+
+@pytest.mark.slow
+def test_a_hub_that_never_answers_is_reported_within_seconds(tmp_path):
+    """The hardening probe: a server that accepts connections and never answers kept
+    load_models waiting 398 s (the hub's downloader retries with back-off); now one request
+    with a short timeout decides, and the usual "not downloaded" error follows."""
+    import socket
+    import threading
+
+    from magic_edu.presets import HUB_PROBE_TIMEOUT_S
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(server.accept()) for _ in iter(int, 1)], daemon=True).start()
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{server.getsockname()[1]}", HF_HOME=str(tmp_path),
+               HF_HUB_CACHE=str(tmp_path / "hub"))
+    code = ("import magic_edu\ntry:\n    magic_edu.load_models('gpt2')\n"
+            "except magic_edu.ModelNotDownloadedError as e:\n    print('NOT DOWNLOADED', e.missing)\n")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    elapsed = time.perf_counter() - start
+    assert "NOT DOWNLOADED" in out.stdout and "gpt2" in out.stdout, out.stderr[-2000:]
+    assert elapsed < HUB_PROBE_TIMEOUT_S + 60  # the interpreter's start and imports, plus one timeout
+    server.close()
