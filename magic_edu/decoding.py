@@ -280,8 +280,9 @@ class Stepper:
         if force is not None:
             if self.batch_size > 1:
                 raise MagicEduError("force: forcing a token works on one image at a time, not a batch")
-            if isinstance(force, bool) or not isinstance(force, int):
-                raise MagicEduError(f"force must be a token id (an int) among this step's candidates; got {force!r}")
+            if isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < self.lm.vocab_size:
+                raise MagicEduError(f"force must be a token id (an int from 0 to {self.lm.vocab_size - 1}) among "
+                                    f"this step's candidates; got {force!r}")
         probs = torch.softmax(self._logits.double(), dim=-1)  # p(v|x) over the whole vocabulary
         before = _Undo(self._logits, list(self._lengths), self._rng_state)
         text_before = [self.lm.output_text(ids) for ids in self._generated] if self.record else []

@@ -455,3 +455,18 @@ def _tensor_bytes(obj) -> int:
         elif hasattr(x, "__dict__") and not isinstance(x, type):
             todo.append(x.__dict__)
     return total
+
+
+@pytest.mark.parametrize("force", [10**30, -1, 65.5, "65", True])
+def test_a_forced_token_must_be_a_token_id(tiny_lm, force):
+    s = Stepper(tiny_lm, "contrastive", k=3, alpha=0.5, max_new_tokens=3)
+    with pytest.raises(MagicEduError, match="force must be a token id"):
+        s.step(force=force)
+    assert s.step_index == 0  # nothing was taken
+
+
+@pytest.mark.parametrize("kwargs, name", [(dict(seed=2**64), "seed"), (dict(stop_at_eos="no"), "stop_at_eos"),
+                                          (dict(record=1), "record")])
+def test_seed_and_switches_are_checked(tiny_lm, kwargs, name):
+    with pytest.raises(MagicEduError, match=name):
+        Stepper(tiny_lm, "top_k", **kwargs)
