@@ -7,4 +7,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi -L
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -5
-python3 -c "from magic_edu.tools.bench import run_benchmarks; run_benchmarks('${1:-all}', 'cuda', 3, False)"
+python3 -c "from magic_edu.tools.bench import run_benchmarks; run_benchmarks('${1:-all}', 'cuda', 3, False, memory=False)"  # memory: a CPU figure, keep the GPU run short
