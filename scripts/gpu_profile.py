@@ -20,13 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from magic_edu.decoding import Stepper
 from magic_edu.fast import clip_prefix
-from magic_edu.tools.bench import authors_style_magic
+from magic_edu.tools.bench import authors_style_magic, synchronize
 from magic_edu.tools.random_models import clip_vit_b32, gpt2_small
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(device_name: str = "cuda", tokens: int = 16) -> None:
@@ -46,11 +41,11 @@ def main(device_name: str = "cuda", tokens: int = 16) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for label, run in runs.items():
         run()  # warm-up
-        sync(device)
+        synchronize(device)
         t = time.perf_counter()
         with profile(activities=activities) as prof:
             run()
-            sync(device)
+            synchronize(device)
         wall = (time.perf_counter() - t) * 1000 / tokens
         events = prof.key_averages()
         on_gpu = [e for e in events if e.device_type.name == "CUDA"]  # kernels and copies
@@ -70,10 +65,10 @@ def main(device_name: str = "cuda", tokens: int = 16) -> None:
             magic(batch)
             times = []
             for _ in range(5):
-                sync(device)
+                synchronize(device)
                 t = time.perf_counter()
                 magic(batch)
-                sync(device)
+                synchronize(device)
                 times.append((time.perf_counter() - t) * 1000 / batch)
             row.append(f"{name} {statistics.median(times):.1f}")
         clip_prefix.SHARE_ON_GPU_SAVED_TOKENS = rules["rule (SHARE_ON_GPU_SAVED_TOKENS)"]

@@ -44,7 +44,7 @@ def test_gpu_timing_takes_the_wall_time_from_a_plain_run(tiny_lm, monkeypatch):
     """On a GPU, per-forward timing syncs the device (no CPU/GPU overlap), so the wall time comes
     from a plain run and the timed run's shares are scaled to it. (The CUDA branch, run on the CPU.)"""
     syncs = []
-    monkeypatch.setattr(bench, "_sync", lambda device: syncs.append(device.type))
+    monkeypatch.setattr(bench, "synchronize", lambda device: syncs.append(device.type))
     monkeypatch.setattr(type(tiny_lm), "device", property(lambda self: torch.device("cuda")))
     ids = torch.tensor([[1, 2, 3]])
     calls = []

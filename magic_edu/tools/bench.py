@@ -48,7 +48,8 @@ class Timing:
         return (self.lm_s + self.clip_s) / self.seconds
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): a timer must not stop before it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -72,12 +73,12 @@ def forward_timers(lm: LanguageModel, clip: ImageTextMatcher | None) -> Iterator
         def timed(*args: Any, **kwargs: Any) -> Any:
             if depth[key]:
                 return original(*args, **kwargs)
-            _sync(device)
+            synchronize(device)
             depth[key] += 1
             t = time.perf_counter()
             try:
                 out = original(*args, **kwargs)
-                _sync(device)
+                synchronize(device)
             finally:
                 spent[key] += time.perf_counter() - t
                 depth[key] -= 1
@@ -111,16 +112,16 @@ def _timed_run(run: Callable[[], list], lm: LanguageModel, clip: ImageTextMatche
     """
     plain = None
     if lm.device.type == "cuda":
-        _sync(lm.device)
+        synchronize(lm.device)
         t = time.perf_counter()
         run()
-        _sync(lm.device)
+        synchronize(lm.device)
         plain = time.perf_counter() - t
     with forward_timers(lm, clip) as spent:
-        _sync(lm.device)
+        synchronize(lm.device)
         t = time.perf_counter()
         gens = run()
-        _sync(lm.device)
+        synchronize(lm.device)
         elapsed = time.perf_counter() - t
     scale = 1.0 if plain is None else plain / elapsed
     return elapsed * scale, spent["lm"] * scale, spent["clip"] * scale, sum(len(g.token_ids) for g in gens), len(gens)
