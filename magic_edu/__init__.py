@@ -6,13 +6,16 @@ so far plus each token matches an image. Everything below is importable from her
 
 from .decoding import (
     Stepper,
+    beam_search,
     contrastive_search,
     greedy_search,
     magic_search,
     nucleus_sampling,
     top_k_sampling,
+    typical_sampling,
 )
 from .errors import MagicEduError
+from .filters import filtered_probs, nucleus_filter, temperature, top_k_filter, typical_filter
 from .inputs import load_image
 from .models import ImageTextMatcher, LanguageModel
 from .photos import list_sample_photos, load_sample_photo, load_user_image
@@ -32,8 +35,10 @@ __all__ = [
     "StepRecord",
     "Stepper",
     "Trace",
+    "beam_search",
     "contrastive_search",
     "degeneration_penalty",
+    "filtered_probs",
     "greedy_search",
     "list_presets",
     "list_sample_photos",
@@ -43,6 +48,11 @@ __all__ = [
     "load_user_image",
     "magic_score",
     "magic_search",
+    "nucleus_filter",
     "nucleus_sampling",
+    "temperature",
+    "top_k_filter",
     "top_k_sampling",
+    "typical_filter",
+    "typical_sampling",
 ]

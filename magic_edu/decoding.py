@@ -1,4 +1,5 @@
-"""The decode loop: greedy, top-k, nucleus, contrastive and MAGIC search, one step at a time.
+"""The decode loop: greedy search, sampling (top-k, nucleus, typical), beam search, contrastive
+and MAGIC search, one step at a time.
 
 MAGIC (Su et al. 2022, "Language Models Can See", Eq. 3). Let the prefix be the ids before
 the first generated token (start token and prompt) and c the ids generated so far. At
@@ -20,6 +21,9 @@ every step:
    a tie goes to the more probable candidate.
 
 Contrastive search is the same with beta = 0 (no CLIP); greedy search takes argmax p.
+Sampling draws from the logits divided by a temperature, then filtered (top-k, nucleus or
+typical: :mod:`magic_edu.filters`). Beam search keeps the num_beams best hypotheses and
+advances them all at every step (its bookkeeping: :mod:`magic_edu.beams`).
 :class:`Stepper` runs any decoder one token at a time, can go back, and can be forced
 to take another candidate ("what if?"); the decoder functions below just run it to the end.
 Each decoder is described once in :mod:`magic_edu.registry` (name, parameters, ranges).
@@ -27,7 +31,8 @@ Each decoder is described once in :mod:`magic_edu.registry` (name, parameters, r
 Memory grows linearly with the length: the keys and values and hidden states of every
 position live in one buffer per row that a step appends to and Back truncates (the state
 after step t is a prefix of the state after step t + 1), and the decoder functions, which
-never go back, keep nothing else.
+never go back, keep nothing else. Beam search's rows are its beams: beam j of step t writes
+row j at that step's position, and every beam reads its own path through the rows.
 """
 
 from __future__ import annotations
@@ -39,15 +44,21 @@ from typing import Any
 
 import torch
 
+from . import beams
 from .errors import MagicEduError
+from .filters import filtered_probs, nucleus_filter, temperature, top_k_filter, typical_filter
 from .inputs import ImageLike
 from .models import ImageTextMatcher, KeysValues, LanguageModel
 from .registry import MAX_NEW_TOKENS, get_decoder
 from .scoring import ClipScorer, degeneration_penalty, magic_score
 from .trace import Generation, StepRecord, Trace
 
-TRACE_TOP = 10  # candidates shown in a greedy / nucleus trace
+TRACE_TOP = 10  # candidates shown in a greedy / nucleus / typical trace
 NAN = float("nan")
+NO_FORCING_BEAMS = ("force: forcing a token is not meaningful for beam search: a step advances every beam at once, "
+                    "and which continuations go on is the search itself")
+# each sampling decoder's filter, and the parameter it takes
+FILTERS = {"top_k": (top_k_filter, "k"), "nucleus": (nucleus_filter, "p"), "typical": (typical_filter, "mass")}
 
 
 @dataclass
@@ -68,6 +79,21 @@ class StepResult:
     score: Any
     chosen: Any  # (B,): index into each row's candidates
     chosen_similarity: Any  # per row: the chosen token's cosine to every earlier position (or empty)
+    sample_prob: Any
+    beam: Any
+    next_beam: Any
+    hypothesis_score: Any
+
+
+def _unused(ids: list[list[int]], fill: Any) -> list[list]:
+    """A column a decoder does not compute: ``fill`` for every candidate of every row."""
+    return [[fill] * len(r) for r in ids]
+
+
+def _neither_sampling_nor_beams(b: int, k: int) -> list[list[list]]:
+    """The sampling and beam columns (sample_prob, beam, next_beam, hypothesis_score) of a step
+    that does neither: b rows of k candidates."""
+    return [[[fill] * k for _ in range(b)] for fill in (NAN, -1, -1, NAN)]
 
 
 class _Context:
@@ -91,29 +117,41 @@ class _Context:
         """(B, T, d) float64 hidden states of the positions so far (a view)."""
         return self.hidden[:, : self.length]
 
+    def paths(self, rows: torch.Tensor) -> KeysValues:
+        """The keys and values of the positions so far along paths through the rows: ``rows``
+        (m, T) names the row to read at every position, for each of m paths (a copy)."""
+        at = torch.arange(self.length, device=rows.device)
+        return [(k[rows, :, at].transpose(1, 2), v[rows, :, at].transpose(1, 2))
+                for k, v in zip(self.keys, self.values)]
+
     def append(self, kv: Sequence[tuple[torch.Tensor, torch.Tensor]], hidden: torch.Tensor) -> None:
-        """Add one position: per layer (keys, values) of shape (B, heads, d_head), hidden (B, d)."""
-        n = self.length
+        """Add one position: per layer (keys, values) of shape (b, heads, d_head), hidden (b, d), for
+        the first b rows (b = B but for beam search, whose beams may be fewer than its rows)."""
+        n, b = self.length, hidden.shape[0]
         if n == self.keys[0].shape[2]:  # full: twice the room (amortised, memory stays linear)
             self.keys = [_with_room(k, 2 * n, 2) for k in self.keys]
             self.values = [_with_room(v, 2 * n, 2) for v in self.values]
             self.hidden = _with_room(self.hidden, 2 * n, 1)
         for buf, (k, _) in zip(self.keys, kv):
-            buf[:, :, n] = k
+            buf[:b, :, n] = k
         for buf, (_, v) in zip(self.values, kv):
-            buf[:, :, n] = v
-        self.hidden[:, n] = hidden
+            buf[:b, :, n] = v
+        self.hidden[:b, n] = hidden
         self.length = n + 1
 
 
 @dataclass
 class _Undo:
-    """What Back restores besides truncating the context: the step's next-token logits,
-    which rows had ended, and the sampler's state."""
+    """What Back restores besides truncating the context: its length, the step's next-token
+    logits, which rows had ended, the sampler's state, and beam search's finished hypotheses
+    and whether it had stopped (its beams: the layer Back removes)."""
 
+    context_length: int
     logits: torch.Tensor
     lengths: list[int | None]
     rng_state: torch.Tensor | None
+    finished: list[beams.Hypothesis]
+    stopped: bool
 
 
 class Stepper:
@@ -130,6 +168,10 @@ class Stepper:
     the registry's default; the trace's settings say which came from the preset.
     ``image`` may be a list: the rows then decode as one batch (MAGIC only), exactly as
     one by one. Forcing is for a single row. ``history=False`` keeps nothing for Back.
+
+    Beam search (``"beam"``) decodes one prompt: it does not look at the image, and its rows
+    are its beams. A step advances every beam; forcing a token is not meaningful for it. Its
+    output so far is the best beam's, and once it has stopped, the best finished hypothesis.
     """
 
     def __init__(
@@ -144,6 +186,10 @@ class Stepper:
         alpha: float | None = None,
         beta: float | None = None,
         p: float | None = None,
+        mass: float | None = None,
+        temperature: float | None = None,
+        num_beams: int | None = None,
+        length_penalty: float | None = None,
         seed: int | None = None,
         clip_text_max_len: int | None = None,
         max_new_tokens: int | None = None,
@@ -154,7 +200,8 @@ class Stepper:
         self.spec = spec = get_decoder(decoder)
         self.lm, self.clip, self.decoder = lm, clip, spec.name
         preset = getattr(lm, "defaults", None) or {}
-        given = dict(k=k, alpha=alpha, beta=beta, p=p, seed=seed, clip_text_max_len=clip_text_max_len)
+        given = dict(k=k, alpha=alpha, beta=beta, p=p, mass=mass, temperature=temperature, num_beams=num_beams,
+                     length_penalty=length_penalty, seed=seed, clip_text_max_len=clip_text_max_len)
         self.params, from_preset = spec.settings(given, preset, lm.vocab_size)
         if spec.samples and self.params["seed"] is None:
             self.params["seed"] = secrets.randbits(31)
@@ -210,27 +257,49 @@ class Stepper:
         ids = torch.tensor([self.prefix], device=self.lm.device)
         logits, hidden, cache = self.lm.forward(ids)
         b = self.batch_size
+        rows = self.params["num_beams"] if self.spec.beams else b
         room = len(self.prefix) + min(self.max_new_tokens, 64)  # doubled when a decode needs more
-        self._ctx = _Context(_repeat_rows(cache, b), hidden.expand(b, -1, -1), room)
-        self._logits = logits[:, -1].expand(b, -1)  # (B, V): next-token logits
+        self._ctx = _Context(_repeat_rows(cache, rows), hidden.expand(rows, -1, -1), room)
+        self._logits = logits[:, -1].expand(1 if self.spec.beams else b, -1)  # next-token logits of each row / beam
+        self._steps = 0
         self._generated: list[list[int]] = [[] for _ in range(b)]  # rows keep going after EOS
         self._lengths: list[int | None] = [None] * b  # per row: its output's length once it has ended
         self._rng_state = torch.Generator().manual_seed(self.params["seed"]).get_state() if self.spec.samples else None
+        self._layers: list[beams.Layer] = []  # beam search: the beams after every step
+        self._finished: list[beams.Hypothesis] = []  # and its best finished hypotheses
+        self._stopped = False
         self._undo: list[_Undo] = []
 
     @property
     def step_index(self) -> int:
-        """Number of tokens generated so far."""
-        return len(self._generated[0])
+        """Number of steps taken (tokens generated so far, but for beam search)."""
+        return self._steps
 
     @property
     def done(self) -> bool:
-        return all(n is not None for n in self._lengths) or self.step_index >= self.max_new_tokens
+        return (all(n is not None for n in self._lengths) or self._stopped
+                or self.step_index >= self.max_new_tokens)
 
     def token_ids(self, row: int = 0) -> list[int]:
-        """The ids generated so far by one row (up to and including EOS)."""
+        """The ids generated so far by one row (up to and including EOS); for beam search, the
+        best beam's, and once the search has stopped, the best finished hypothesis's."""
+        if self.spec.beams:
+            if self._stopped:
+                return beams.hypothesis_tokens(self._layers, self._finished[0])
+            return beams.beam_tokens(self._layers, 0) if self._layers else []
         n = self._lengths[row]
         return list(self._generated[row][:n])
+
+    def beams(self) -> list[tuple[list[int], float]]:
+        """Beam search: the beams after the last step, best first: (generated ids, summed log-probability)."""
+        if not self._layers:
+            return [([], 0.0)] if self.spec.beams else []
+        layer = self._layers[-1]
+        return [(beams.beam_tokens(self._layers, j), layer.log_probs[j]) for j in range(len(layer.tokens))]
+
+    def hypotheses(self) -> list[tuple[list[int], float]]:
+        """Beam search: the finished hypotheses kept so far, best first: (generated ids, score)."""
+        return [(beams.hypothesis_tokens(self._layers, h), h.score) for h in self._finished]
 
     def text(self, row: int = 0) -> str:
         """The output text so far (the reference's parser applied)."""
@@ -250,9 +319,13 @@ class Stepper:
             raise MagicEduError("back(): nothing to undo, the decode is at its first step")
         undo = self._undo.pop()
         self._logits, self._lengths, self._rng_state = undo.logits, undo.lengths, undo.rng_state
-        self._ctx.length -= 1
+        self._finished, self._stopped, self._ctx.length = undo.finished, undo.stopped, undo.context_length
+        self._steps -= 1
+        if self.spec.beams:
+            self._layers.pop()
         for ids in self._generated:
-            ids.pop()
+            if ids:
+                ids.pop()
         for trace in self.traces:
             while trace.steps and trace.steps[-1].step >= self.step_index:
                 trace.steps.pop()
@@ -275,6 +348,8 @@ class Stepper:
 
         ``force``: a token id among this step's candidates, taken instead of the decoder's choice.
         """
+        if force is not None and self.spec.beams:
+            raise MagicEduError(NO_FORCING_BEAMS)
         if self.done:
             raise MagicEduError("step(): the decode has ended; use back() or reset() to go on")
         if force is not None:
@@ -284,19 +359,24 @@ class Stepper:
                 raise MagicEduError(f"force must be a token id (an int from 0 to {self.lm.vocab_size - 1}) among "
                                     f"this step's candidates; got {force!r}")
         probs = torch.softmax(self._logits.double(), dim=-1)  # p(v|x) over the whole vocabulary
-        before = _Undo(self._logits, list(self._lengths), self._rng_state)
-        text_before = [self.lm.output_text(ids) for ids in self._generated] if self.record else []
-        if self.spec.scores_candidates:
+        before = _Undo(self._ctx.length, self._logits, list(self._lengths), self._rng_state, self._finished,
+                       self._stopped)
+        text_before = [self.text(row) for row in range(self.batch_size)] if self.record else []
+        if self.spec.beams:
+            result = self._beam_step(probs)
+        elif self.spec.scores_candidates:
             result = self._candidate_step(probs, force)
         else:
             result = self._token_step(probs, force)
         if self.history:
             self._undo.append(before)
-        chosen = [int(ids[c]) for ids, c in zip(_rows(result.token_ids), _rows(result.chosen))]
-        for row, c in enumerate(chosen):
-            self._generated[row].append(c)
-            if self._lengths[row] is None and self.stop_at_eos and c == self.lm.eos_token_id:
-                self._lengths[row] = len(self._generated[row])
+        self._steps += 1
+        if not self.spec.beams:
+            chosen = [int(ids[c]) for ids, c in zip(_rows(result.token_ids), _rows(result.chosen))]
+            for row, c in enumerate(chosen):
+                self._generated[row].append(c)
+                if self._lengths[row] is None and self.stop_at_eos and c == self.lm.eos_token_id:
+                    self._lengths[row] = len(self._generated[row])
         if not self.record:
             return None
         return self._record(result, before.lengths, text_before, force is not None)
@@ -328,21 +408,22 @@ class Stepper:
                          chosen_hidden.double())
         self._logits = self.lm.logits(chosen_hidden)
         return StepResult(candidates, lm_prob, penalty, position, clip_text, clip_cosine, clip_score, score, chosen,
-                          cosines[torch.arange(b), chosen])
+                          cosines[torch.arange(b), chosen], *_neither_sampling_nor_beams(b, k))
 
     def _token_step(self, probs: torch.Tensor, force: int | None) -> StepResult:
-        """Greedy search and sampling: pick one token from p, then one forward of it."""
+        """Greedy search and sampling: pick one token, then one forward of it."""
         shown_k = self.params["k"] if self.decoder == "top_k" else min(TRACE_TOP, probs.shape[-1])
         shown_p, shown = probs.topk(shown_k, dim=-1)
+        sample_probs = self._sampling_distribution() if self.spec.samples else None  # (B, V), on the CPU
         if force is not None:
             _index_of(force, shown[0])
             chosen_ids = torch.tensor([force])
-        elif not self.spec.samples:
+        elif sample_probs is None:
             chosen_ids = shown[:, 0]
         else:
             gen = torch.Generator().manual_seed(0)
             gen.set_state(self._rng_state)
-            chosen_ids = _sample(probs.cpu(), self.decoder, self.params, gen)
+            chosen_ids = _sample(sample_probs, gen)
             self._rng_state = gen.get_state()
         t = self._ctx.length
         logits, hidden, cache = self.lm.forward(chosen_ids[:, None].to(self.lm.device), cache=self._ctx.cache())
@@ -359,9 +440,43 @@ class Stepper:
             ids.append(r_ids)
             lm_prob.append(r_p)
             chosen.append(r_ids.index(c))
-        return StepResult(ids, lm_prob, [[NAN] * len(r) for r in ids], [[-1] * len(r) for r in ids],
-                          [[""] * len(r) for r in ids], [[NAN] * len(r) for r in ids],
-                          [[NAN] * len(r) for r in ids], lm_prob, chosen, [[] for _ in ids])
+        sample_prob = (_unused(ids, NAN) if sample_probs is None
+                       else [sample_probs[row, r_ids].tolist() for row, r_ids in enumerate(ids)])
+        return StepResult(ids, lm_prob, _unused(ids, NAN), _unused(ids, -1), _unused(ids, ""), _unused(ids, NAN),
+                          _unused(ids, NAN), lm_prob, chosen, [[] for _ in ids], sample_prob, _unused(ids, -1),
+                          _unused(ids, -1), _unused(ids, NAN))
+
+    def _sampling_distribution(self) -> torch.Tensor:
+        """What sampling draws from, (B, V) float64 on the CPU: softmax(filter(logits / temperature))."""
+        keep, name = FILTERS[self.decoder]
+        tempered = temperature(self._logits.double().cpu(), self.params["temperature"])
+        return filtered_probs(keep(tempered, self.params[name]))
+
+    def _beam_step(self, probs: torch.Tensor) -> StepResult:
+        """Beam search: rank every beam's continuations together (:func:`magic_edu.beams.select`),
+        then one forward of the beams that go on, each on its own path through the context."""
+        n, t = self.params["num_beams"], self.step_index
+        log_p = torch.log_softmax(self._logits.float(), dim=-1).cpu()  # float32, as transformers
+        step = beams.select(log_p, self._layers[-1] if self._layers else beams.ROOT, n, t,
+                            last=t + 1 == self.max_new_tokens, eos=self.lm.eos_token_id if self.stop_at_eos else None,
+                            length_penalty=self.params["length_penalty"], finished=self._finished)
+        lm_prob = probs.cpu()[step.parents, step.token_ids].tolist()  # p(v | its beam)
+        self._layers.append(step.layer)
+        self._finished, self._stopped = step.finished, step.stop
+        if not step.stop:  # one forward of the new beams, each reading its parent's path
+            at = self._ctx.length
+            paths = [[0] * len(self.prefix) + beams.ancestry(self._layers, j)[:-1]  # the row of every position
+                     for j in range(len(step.layer.tokens))]
+            device = self.lm.device
+            tokens = torch.tensor(step.layer.tokens, device=device)[:, None]
+            logits, hidden, cache = self.lm.forward(tokens, cache=self._ctx.paths(torch.tensor(paths, device=device)))
+            self._ctx.append([(key[:, :, at], value[:, :, at]) for key, value in cache], hidden[:, -1].double())
+            self._logits = logits[:, -1]
+        k = len(step.token_ids)
+        chosen = step.next_beam.index(0) if 0 in step.next_beam else 0
+        return StepResult([step.token_ids], [lm_prob], [[NAN] * k], [[-1] * k], [[""] * k], [[NAN] * k], [[NAN] * k],
+                          [step.scores], [chosen], [[]], [[NAN] * k], [step.parents], [step.next_beam],
+                          [step.hypothesis_score])
 
     def _record(self, result: StepResult, lengths: list[int | None], texts: list[str], forced: bool
                 ) -> StepRecord | None:
@@ -393,23 +508,49 @@ def greedy_search(
 
 
 def top_k_sampling(
-    lm: LanguageModel, *, k: int | None = None, seed: int | None = None, prompt: str | None = None,
-    max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
+    lm: LanguageModel, *, k: int | None = None, temperature: float | None = None, seed: int | None = None,
+    prompt: str | None = None, max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
 ) -> Generation:
-    """Sample from p renormalised over its k (default 40) most probable tokens (Fan et al. 2018).
-    The same ``seed`` gives the same text."""
-    return Stepper(lm, "top_k", k=k, seed=seed, prompt=prompt, max_new_tokens=max_new_tokens,
-                   stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
+    """Sample from softmax(logits / temperature) renormalised over its k (default 40) most
+    probable tokens (Fan et al. 2018); temperature 1 unless given. The same ``seed`` gives the
+    same text."""
+    return Stepper(lm, "top_k", k=k, temperature=temperature, seed=seed, prompt=prompt,
+                   max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
 
 
 def nucleus_sampling(
-    lm: LanguageModel, *, p: float | None = None, seed: int | None = None, prompt: str | None = None,
-    max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
+    lm: LanguageModel, *, p: float | None = None, temperature: float | None = None, seed: int | None = None,
+    prompt: str | None = None, max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
 ) -> Generation:
-    """Sample from the smallest set of most probable tokens whose probabilities sum to at
-    least ``p`` (default 0.95), renormalised (Holtzman et al. 2020); pure nucleus, no top-k cut."""
-    return Stepper(lm, "nucleus", p=p, seed=seed, prompt=prompt, max_new_tokens=max_new_tokens,
-                   stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
+    """Sample from the smallest set of most probable tokens of softmax(logits / temperature) whose
+    probabilities sum to at least ``p`` (default 0.95), renormalised (Holtzman et al. 2020); pure
+    nucleus, no top-k cut; temperature 1 unless given."""
+    return Stepper(lm, "nucleus", p=p, temperature=temperature, seed=seed, prompt=prompt,
+                   max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
+
+
+def typical_sampling(
+    lm: LanguageModel, *, mass: float | None = None, temperature: float | None = None, seed: int | None = None,
+    prompt: str | None = None, max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
+) -> Generation:
+    """Locally typical sampling (Meister et al. 2023): of softmax(logits / temperature), keep the
+    tokens whose surprise -log p(v) is closest to the entropy until they hold ``mass`` (default
+    0.95) of the probability, renormalise, sample; temperature 1 unless given."""
+    return Stepper(lm, "typical", mass=mass, temperature=temperature, seed=seed, prompt=prompt,
+                   max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
+
+
+def beam_search(
+    lm: LanguageModel, *, num_beams: int | None = None, length_penalty: float | None = None,
+    prompt: str | None = None, max_new_tokens: int | None = None, stop_at_eos: bool = True, record: bool = True,
+) -> Generation:
+    """Keep the ``num_beams`` (default 4) most probable hypotheses and advance them all at every
+    step; return the finished one of highest log p / length ** ``length_penalty`` (default 1.0).
+    Exact to transformers 5.24's ``generate(num_beams=..., do_sample=False, early_stopping=False,
+    length_penalty=...)``, float32 scores included (every rule: :mod:`magic_edu.beams`). The
+    trace shows every beam's best continuations at every step."""
+    return Stepper(lm, "beam", num_beams=num_beams, length_penalty=length_penalty, prompt=prompt,
+                   max_new_tokens=max_new_tokens, stop_at_eos=stop_at_eos, record=record, history=False).run()[0]
 
 
 def contrastive_search(
@@ -441,16 +582,11 @@ def magic_search(
 
 
 # -- helpers ---------------------------------------------------------------------------
-def _sample(probs: torch.Tensor, decoder: str, params: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-    """One token per row from top-k or nucleus-filtered probabilities."""
+def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row drawn from ``probs`` (B, V) with ``gen``. The draw runs over the tokens
+    sorted most probable first, as magic_edu always has, so a seed keeps giving the same text."""
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    if decoder == "top_k":
-        keep = torch.arange(sorted_p.shape[-1]) < params["k"]
-    else:  # nucleus: keep a token while the mass before it is still below p
-        keep = (sorted_p.cumsum(dim=-1) - sorted_p) < params["p"]
-    filtered = torch.where(keep, sorted_p, torch.zeros_like(sorted_p))
-    picked = torch.multinomial(filtered / filtered.sum(dim=-1, keepdim=True), 1, generator=gen)
-    return order.gather(1, picked)[:, 0]
+    return order.gather(1, torch.multinomial(sorted_p, 1, generator=gen))[:, 0]
 
 
 def _index_of(token_id: int, candidates: torch.Tensor) -> int:

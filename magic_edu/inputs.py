@@ -223,12 +223,15 @@ def check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
     return int(value)
 
 
-def check_float(value: Any, name: str, low: float, high: float | None = None) -> float:
-    """``value`` as a float in [low, high], else a MagicEduError naming ``name``."""
-    allowed = f"a number >= {low}" if high is None else f"a number between {low} and {high}"
+def check_float(value: Any, name: str, low: float | None, high: float | None = None) -> float:
+    """``value`` as a finite float in [low, high] (None: no bound), else a MagicEduError naming ``name``."""
+    if low is None:
+        allowed = "a finite number" if high is None else f"a number <= {high}"
+    else:
+        allowed = f"a number >= {low}" if high is None else f"a number between {low} and {high}"
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise MagicEduError(f"{name} must be {allowed}; got {value!r}")
     value = float(value)
-    if not np.isfinite(value) or value < low or (high is not None and value > high):
+    if not np.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
         raise MagicEduError(f"{name} must be {allowed}; got {value}")
     return value

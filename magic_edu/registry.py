@@ -31,7 +31,7 @@ class Param:
     name: str
     kind: type  # int or float
     default: Any
-    low: float | int | None
+    low: float | int | None  # None: no lower bound
     high: float | int | str | None
     help: str
     slider: tuple[float, float, float] | None = None
@@ -43,6 +43,15 @@ class Param:
         high = vocab_size if self.high == "vocab" else self.high
         if self.kind is int:
             return check_int(value, self.name, self.low, high)
+        if self.low_open and high is None:  # e.g. a temperature: any finite number above low
+            allowed = f"a number > {self.low} (finite)"
+            try:
+                value = check_float(value, self.name, self.low)
+            except MagicEduError:
+                raise MagicEduError(f"{self.name} must be {allowed}; got {value!r}") from None
+            if value == self.low:
+                raise MagicEduError(f"{self.name} must be {allowed}; got {value}")
+            return value
         value = check_float(value, self.name, self.low, high)
         if self.low_open and value == self.low:
             raise MagicEduError(f"{self.name} must be a number in ({self.low}, {high}]; got {value}")
@@ -52,7 +61,8 @@ class Param:
 @dataclass(frozen=True)
 class Decoder:
     """One decoder: ``name`` (as the library spells it), ``label`` (for people), its parameters,
-    and whether it scores candidates (degeneration penalty, CLIP), needs an image, samples."""
+    and whether it scores candidates (degeneration penalty, CLIP), needs an image, samples, or
+    keeps several hypotheses at once (beam search: a step advances every beam)."""
 
     name: str
     label: str
@@ -61,6 +71,7 @@ class Decoder:
     scores_candidates: bool = False
     needs_image: bool = False
     samples: bool = False
+    beams: bool = False
     aliases: tuple[str, ...] = ()
 
     @property
@@ -98,6 +109,16 @@ ALPHA = Param("alpha", float, 0.6, 0.0, 1.0, "weight of the degeneration penalty
 BETA = Param("beta", float, 2.0, 0.0, None, "weight of the magic (CLIP) score", (0.0, 5.0, 0.1))
 P = Param("p", float, 0.95, 0.0, 1.0, "nucleus: the smallest set of tokens with this much probability",
           (0.05, 1.0, 0.05), low_open=True)
+TEMPERATURE = Param("temperature", float, 1.0, 0.0, None,
+                    "divide the logits by this before the filter (< 1: sharper, > 1: flatter)", (0.1, 2.0, 0.05),
+                    low_open=True, from_preset=False)
+MASS = Param("mass", float, 0.95, 0.0, 1.0, "typical: keep the tokens whose surprise is closest to the entropy, "
+             "until they hold this much probability", (0.05, 1.0, 0.05), low_open=True, from_preset=False)
+NUM_BEAMS = Param("num_beams", int, 4, 1, "vocab", "beam search: hypotheses kept at every step", (1, 10, 1),
+                  from_preset=False)
+LENGTH_PENALTY = Param("length_penalty", float, 1.0, None, None,
+                       "beam search: a finished hypothesis scores log p / length ** length_penalty "
+                       "(> 0 favours longer ones)", (-2.0, 3.0, 0.1), from_preset=False)
 SEED = Param("seed", int, None, 0, 2**64 - 1, "sampling seed (none: a fresh random one)", from_preset=False)
 CLIP_TEXT_MAX_LEN = Param("clip_text_max_len", int, 60, 1, None,
                           "CLIP sees at most this many of the last generated ids plus the candidate")
@@ -105,9 +126,13 @@ CLIP_TEXT_MAX_LEN = Param("clip_text_max_len", int, 60, 1, None,
 DECODERS: dict[str, Decoder] = {d.name: d for d in (
     Decoder("greedy", "greedy search", "greedy_search", ()),
     Decoder("top_k", "top-k sampling", "top_k_sampling",
-            (replace(K, default=40, help="sample among the k most probable tokens", from_preset=False), SEED),
-            samples=True, aliases=("top-k",)),
-    Decoder("nucleus", "nucleus sampling", "nucleus_sampling", (P, SEED), samples=True, aliases=("top-p",)),
+            (replace(K, default=40, help="sample among the k most probable tokens", from_preset=False),
+             TEMPERATURE, SEED), samples=True, aliases=("top-k",)),
+    Decoder("nucleus", "nucleus sampling", "nucleus_sampling", (P, TEMPERATURE, SEED), samples=True,
+            aliases=("top-p",)),
+    Decoder("typical", "typical sampling", "typical_sampling", (MASS, TEMPERATURE, SEED), samples=True,
+            aliases=("typical-p",)),
+    Decoder("beam", "beam search", "beam_search", (NUM_BEAMS, LENGTH_PENALTY), beams=True, aliases=("beam-search",)),
     Decoder("contrastive", "contrastive search", "contrastive_search", (K, ALPHA), scores_candidates=True),
     Decoder("magic", "MAGIC search", "magic_search",
             (replace(K, default=45), replace(ALPHA, default=0.1), BETA, CLIP_TEXT_MAX_LEN),

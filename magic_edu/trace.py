@@ -4,10 +4,14 @@ A :class:`Trace` is a list of :class:`StepRecord` plus the settings it was made 
 ``trace.to_frame()`` gives one row per (step, candidate) with the columns
 
     step, rank, token, token_id, lm_prob, degeneration_penalty, penalty_position,
-    clip_text, clip_cosine, clip_score, score, chosen
+    clip_text, clip_cosine, clip_score, score, sample_prob, beam, next_beam,
+    hypothesis_score, chosen, forced
 
 where score = (1 - alpha) * lm_prob - alpha * degeneration_penalty + beta * clip_score
-for contrastive and MAGIC search (for greedy and sampling, score = lm_prob).
+for contrastive and MAGIC search; for greedy and sampling, score = lm_prob, and sampling adds
+sample_prob, the probability of being drawn (the filtered distribution); for beam search,
+score is the cumulative log-probability of the beam plus the candidate, and beam, next_beam
+and hypothesis_score say where each candidate came from and went (see :class:`StepRecord`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import pandas as pd
 
 from .errors import MagicEduError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the sampling and beam columns (version 1 files load, without them)
 
 
 @dataclass
@@ -37,6 +41,21 @@ class StepRecord:
     state gave candidate i its degeneration penalty; ``chosen_similarity`` is the chosen
     token's cosine similarity to every earlier position. Columns that a decoder does not
     compute (CLIP for contrastive search, penalties for greedy) hold NaN / "" / -1.
+
+    Sampling: ``sample_prob[i]``, the probability that candidate i is drawn (the tempered,
+    filtered, renormalised distribution; 0 for a token the filter removed).
+
+    Beam search: the candidates are the 2 x num_beams best continuations of all beams, best
+    first; ``lm_prob[i]`` is p(token | its beam), ``score[i]`` the cumulative log-probability;
+    ``beam[i]`` the beam it extends (an index into the beams before the step, which are the
+    previous step's candidates with ``next_beam`` 0, 1, ...); ``next_beam[i]`` the beam it
+    becomes (-1: none); ``hypothesis_score[i]`` = score / length ** length_penalty if it ended
+    (end-of-text, or the last step) among the num_beams best candidates, as a finished
+    hypothesis (NaN otherwise; the search keeps the num_beams best finished ones and returns the
+    best). ``chosen`` is the candidate that became beam 0 (the best continuation; at a step
+    where no beam goes on, candidate 0).
+
+    The four sampling and beam columns are empty in version 1 files (read as NaN / -1).
     """
 
     step: int
@@ -53,6 +72,10 @@ class StepRecord:
     chosen: int  # index into the candidate lists
     forced: bool = False
     chosen_similarity: list[float] = field(default_factory=list)
+    sample_prob: list[float] = field(default_factory=list)
+    beam: list[int] = field(default_factory=list)
+    next_beam: list[int] = field(default_factory=list)
+    hypothesis_score: list[float] = field(default_factory=list)
 
     @property
     def k(self) -> int:
@@ -89,6 +112,7 @@ class Trace:
         """A long DataFrame: one row per step and candidate."""
         rows = []
         for s in self.steps:
+            optional = {name: getattr(s, name) or [fill] * s.k for name, fill in OPTIONAL_COLUMNS.items()}
             for i in range(s.k):
                 rows.append(
                     {
@@ -103,12 +127,13 @@ class Trace:
                         "clip_cosine": s.clip_cosine[i],
                         "clip_score": s.clip_score[i],
                         "score": s.score[i],
+                        **{name: column[i] for name, column in optional.items()},
                         "chosen": i == s.chosen,
                         "forced": s.forced and i == s.chosen,
                     }
                 )
         columns = ["step", "rank", "token", "token_id", "lm_prob", "degeneration_penalty", "penalty_position",
-                   "clip_text", "clip_cosine", "clip_score", "score", "chosen", "forced"]
+                   "clip_text", "clip_cosine", "clip_score", "score", *OPTIONAL_COLUMNS, "chosen", "forced"]
         return pd.DataFrame(rows, columns=columns)
 
     def chosen_frame(self) -> pd.DataFrame:
@@ -188,12 +213,17 @@ class Trace:
         return cls.from_dict(data, source=path)
 
 
+# the per-candidate columns version 1 files lack, and what they hold where a decoder does not compute them
+OPTIONAL_COLUMNS = {"sample_prob": math.nan, "beam": -1, "next_beam": -1, "hypothesis_score": math.nan}
+
+
 # -- checking a loaded trace ---------------------------------------------------------------
 _STEP_FIELDS = {f.name: f for f in fields(StepRecord)}
 _STEP_REQUIRED = [name for name, f in _STEP_FIELDS.items() if f.default is MISSING and f.default_factory is MISSING]
-_INT_COLUMNS = ("token_ids", "penalty_position")
+_INT_COLUMNS = ("token_ids", "penalty_position", "beam", "next_beam")
 _STR_COLUMNS = ("tokens", "clip_text")
-_FLOAT_COLUMNS = ("lm_prob", "degeneration_penalty", "clip_cosine", "clip_score", "score")
+_FLOAT_COLUMNS = ("lm_prob", "degeneration_penalty", "clip_cosine", "clip_score", "score", "sample_prob",
+                  "hypothesis_score")
 
 
 def _is_int(value: Any) -> bool:
@@ -245,13 +275,13 @@ def _step_record(data: Any, i: int) -> StepRecord:
     if not isinstance(data["text"], str):
         raise MagicEduError(f"{where}: 'text' must be a string")
     values["text"] = data["text"]
-    for name in _INT_COLUMNS:
-        values[name] = _int_list(data[name], f"{where}: {name!r}")
-    for name in _STR_COLUMNS:
-        values[name] = _str_list(data[name], f"{where}: {name!r}")
-    for name in _FLOAT_COLUMNS:
-        values[name] = _float_list(data[name], f"{where}: {name!r}")
-    k = len(values["token_ids"])
+    k = len(_int_list(data["token_ids"], f"{where}: 'token_ids'"))
+    for name in (*_INT_COLUMNS, *_STR_COLUMNS, *_FLOAT_COLUMNS):
+        column = data.get(name, [])  # only an optional column may be missing (version 1)
+        if name in OPTIONAL_COLUMNS and column == []:
+            column = [OPTIONAL_COLUMNS[name]] * k
+        read = _int_list if name in _INT_COLUMNS else _str_list if name in _STR_COLUMNS else _float_list
+        values[name] = read(column, f"{where}: {name!r}")
     uneven = [name for name in (*_INT_COLUMNS, *_STR_COLUMNS, *_FLOAT_COLUMNS) if len(values[name]) != k]
     if uneven:
         raise MagicEduError(f"{where}: {uneven[0]!r} has {len(values[uneven[0]])} entries, 'token_ids' {k}")

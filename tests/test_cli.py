@@ -266,7 +266,7 @@ def test_the_settings_sidecar_and_a_resume_with_other_settings(fake, folder, tmp
     sidecar = tmp_path / "r.settings.json"
     assert json.loads(sidecar.read_text()) == {
         "format": "magic_edu.caption_settings", "version": 1, "preset": "toy", "decoder": "top_k",
-        "params": {"k": 3}, "max_new_tokens": 5, "seed": 0}
+        "params": {"k": 3, "temperature": 1.0}, "max_new_tokens": 5, "seed": 0}
 
     # a resume with the same settings (another spelling of the decoder) works as before
     fake.calls = []
@@ -286,13 +286,23 @@ def test_the_settings_sidecar_and_a_resume_with_other_settings(fake, folder, tmp
         status, _, err = run(["caption", str(folder), "--out", str(out), *other], capsys)
         assert status == 2 and differs in err and "choose a new --out" in err, (other, err)
         assert fake.calls == [] and out.read_text() == written
-    assert json.loads(sidecar.read_text())["params"] == {"k": 3}
+    assert json.loads(sidecar.read_text())["params"] == {"k": 3, "temperature": 1.0}
+
+    # a sidecar written before top-k sampling took a temperature: it sampled at temperature 1, so the
+    # same settings resume, and another temperature is refused
+    old = json.loads(sidecar.read_text())
+    del old["params"]["temperature"]
+    sidecar.write_text(json.dumps(old))
+    same = ["caption", str(folder), "--out", str(out), "--decoder", "top-k", "--k", "3", "--max-new-tokens", "5"]
+    status, _, err = run([*same, "--temperature", "0.5"], capsys)
+    assert status == 2 and "temperature 1.0 before, 0.5 now" in err and out.read_text() == written
+    assert run(same, capsys)[0] == 0 and len(fake.calls) == 3  # the three images not yet captioned
 
     # a new --out takes any settings; the registry's default of a parameter no preset sets is written out
     assert run(["caption", str(folder / "img0.png"), "--out", str(tmp_path / "n.json"), "--decoder", "top-k"],
                capsys)[0] == 0
     default_k = DECODERS["top_k"].param("k").default
-    assert json.loads((tmp_path / "n.settings.json").read_text())["params"] == {"k": default_k}
+    assert json.loads((tmp_path / "n.settings.json").read_text())["params"] == {"k": default_k, "temperature": 1.0}
     # magic: the preset's parameters stay null (the preset's value) unless given
     assert run(["caption", str(folder / "img0.png"), "--out", str(tmp_path / "m.json"), "--beta", "1.5"],
                capsys)[0] == 0
@@ -416,17 +426,18 @@ def test_decoder_names_and_aliases(fake, folder, tmp_path, capsys, spelling):
 
 
 def test_every_registry_decoder_and_alias_is_a_choice(capsys):
-    assert set(cli.decoder_choices()) == {*DECODERS, "top-k", "top-p"}
+    assert set(cli.decoder_choices()) == {*DECODERS, "top-k", "top-p", "typical-p", "beam-search"}
     with pytest.raises(SystemExit):
-        cli.main(["caption", "x.png", "--out", "r.json", "--decoder", "beam"])
+        cli.main(["caption", "x.png", "--out", "r.json", "--decoder", "diverse_beam"])
     err = capsys.readouterr().err
-    assert "invalid choice: 'beam'" in err and all(name in err for name in DECODERS)
+    assert "invalid choice: 'diverse_beam'" in err and all(name in err for name in DECODERS)
     with pytest.raises(SystemExit):
         cli.main(["caption", "--help"])
-    help_text = capsys.readouterr().out
+    help_text = " ".join(capsys.readouterr().out.split())  # (argparse wraps the lines anywhere)
     for decoder in DECODERS.values():
         assert decoder.name in help_text and decoder.label in help_text
-    for option in ("--k", "--alpha", "--beta", "--p", "--top-p", "--seed", "--max-new-tokens", "--clip-text-max-len"):
+    for option in ("--k", "--alpha", "--beta", "--p", "--top-p", "--seed", "--max-new-tokens", "--clip-text-max-len",
+                   "--temperature", "--mass", "--num-beams", "--length-penalty"):
         assert option in help_text
 
 
@@ -451,7 +462,9 @@ def test_settings_given_are_passed_and_the_rest_left_to_the_preset(fake, folder,
 @pytest.mark.parametrize("argv, expected", [
     (["--decoder", "greedy", "--beta", "1"], "--beta: --decoder greedy (greedy search) does not take it"),
     (["--decoder", "greedy", "--seed", "3"], "--seed: --decoder greedy"),
-    (["--decoder", "top-k", "--alpha", "0.1"], "it takes --k, --seed"),
+    (["--decoder", "top-k", "--alpha", "0.1"], "it takes --k, --temperature, --seed"),
+    (["--decoder", "beam", "--seed", "1"], "it takes --num-beams, --length-penalty"),
+    (["--decoder", "typical", "--temperature", "0"], "temperature must be a number > 0.0 (finite); got 0.0"),
     (["--decoder", "nucleus", "--p", "0"], "p must be a number in (0.0, 1.0]"),
     (["--alpha", "1.5"], "alpha must be a number between 0.0 and 1.0; got 1.5"),
     (["--k", "0"], "k must be an integer"),
@@ -618,3 +631,19 @@ def test_fuzzed_images_through_caption_are_captioned_or_skipped_never_fatal(fake
         except magic_edu.MagicEduError:
             loads = False
         assert loads == (name in captioned), (name, skipped.get(name))
+
+
+def test_caption_with_typical_sampling_and_beam_search_on_the_toy_preset(folder, tmp_path, capsys):
+    """The new decoders through the real command line give the library's captions."""
+    toy = toy_models_or_skip()
+    beam_out, typical_out = tmp_path / "beam.json", tmp_path / "typical.json"
+    assert run(["caption", str(folder), "--out", str(beam_out), "--decoder", "beam", "--num-beams", "3",
+                "--length-penalty", "0.5", "--max-new-tokens", "8"], capsys)[0] == 0
+    want = magic_edu.beam_search(toy.lm, num_beams=3, length_penalty=0.5, max_new_tokens=8).text
+    assert [e["prediction"] for e in json.loads(beam_out.read_text())] == [want] * 5  # it does not see the image
+    assert run(["caption", str(folder / "img0.png"), str(folder / "img1.png"), "--out", str(typical_out),
+                "--decoder", "typical", "--mass", "0.6", "--temperature", "1.3", "--seed", "7",
+                "--max-new-tokens", "8"], capsys)[0] == 0
+    got = [e["prediction"] for e in json.loads(typical_out.read_text())]
+    assert got == [magic_edu.typical_sampling(toy.lm, mass=0.6, temperature=1.3, seed=cli.image_seed(7, name),
+                                              max_new_tokens=8).text for name in ("img0.png", "img1.png")]

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from magic_edu import contrastive_search, greedy_search, magic_search, top_k_sampling
+from magic_edu import (
+    beam_search,
+    contrastive_search,
+    greedy_search,
+    magic_search,
+    nucleus_sampling,
+    top_k_sampling,
+    typical_sampling,
+)
 from magic_edu.tools.random_models import random_clip, random_language_model
 
 from conftest import make_image
@@ -45,3 +53,21 @@ def test_shared_clip_prefix_on_cuda_matches_cpu(tmp_path, monkeypatch):
     kw = dict(k=5, alpha=0.2, beta=3.0, max_new_tokens=10)
     assert [g.token_ids for g in magic_search(lm_gpu, clip_gpu, images, **kw)] == \
         [g.token_ids for g in magic_search(lm_cpu, clip_cpu, images, **kw)]
+
+
+def test_sampling_and_beam_search_on_cuda_match_cpu():
+    """Sampling filters on the CPU from the GPU's logits; beam search's beams read their paths
+    through the context on the GPU: both give the CPU's tokens, and beam search transformers'."""
+    lm_cpu, lm_gpu = (random_language_model(seed=5, dtype=torch.float64) for _ in range(2))
+    lm_gpu.model.to("cuda")
+    for fn, kw in ((top_k_sampling, dict(k=8, temperature=0.7)), (nucleus_sampling, dict(p=0.9, temperature=1.3)),
+                   (typical_sampling, dict(mass=0.6))):
+        assert fn(lm_gpu, seed=2, **kw).token_ids == fn(lm_cpu, seed=2, **kw).token_ids
+    for n, lp in ((3, 1.0), (5, -0.5)):
+        gpu = beam_search(lm_gpu, num_beams=n, length_penalty=lp, max_new_tokens=10).token_ids
+        assert gpu == beam_search(lm_cpu, num_beams=n, length_penalty=lp, max_new_tokens=10).token_ids
+        prefix = torch.tensor([lm_gpu.prefix_ids(None)], device="cuda")
+        out = lm_gpu.model.generate(prefix, attention_mask=torch.ones_like(prefix), num_beams=n, do_sample=False,
+                                    early_stopping=False, length_penalty=lp, max_new_tokens=10,
+                                    pad_token_id=lm_gpu.eos_token_id)
+        assert gpu == out[0, prefix.shape[1]:].tolist()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from magic_edu import (
     magic_search,
     nucleus_sampling,
     top_k_sampling,
+    typical_sampling,
 )
 from magic_edu.reference import magic_reference
 from magic_edu.tools.random_models import random_language_model
@@ -315,7 +317,8 @@ def test_stepper_back_restores_sampling_state(tiny_lm):
 
 # -- sampling ------------------------------------------------------------------------------
 def test_sampling_is_reproducible_with_a_seed(tiny_lm):
-    for fn, kw in ((top_k_sampling, dict(k=30)), (nucleus_sampling, dict(p=0.9))):
+    for fn, kw in ((top_k_sampling, dict(k=30)), (nucleus_sampling, dict(p=0.9)), (typical_sampling, dict(mass=0.9)),
+                   (top_k_sampling, dict(k=30, temperature=1.5)), (typical_sampling, dict(mass=0.5, temperature=0.5))):
         a = fn(tiny_lm, seed=11, max_new_tokens=12, **kw).token_ids
         assert a == fn(tiny_lm, seed=11, max_new_tokens=12, **kw).token_ids
         others = {tuple(fn(tiny_lm, seed=s, max_new_tokens=12, **kw).token_ids) for s in range(5)}
@@ -342,6 +345,92 @@ def test_nucleus_samples_only_from_the_nucleus(tiny_lm):
             ids.append(token)
 
 
+SAMPLERS = [("top_k", dict(k=12)), ("top_k", dict(k=12, temperature=0.6)), ("nucleus", dict(p=0.8)),
+            ("nucleus", dict(p=0.95, temperature=1.7)), ("typical", dict(mass=0.5)),
+            ("typical", dict(mass=0.9, temperature=0.8)), ("typical", dict(mass=0.2, temperature=2.0))]
+
+
+def transformers_chain(decoder: str, params: dict):
+    """transformers' sampling warpers in generate's order: temperature, then the decoder's filter."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )
+
+    filters = {"top_k": lambda: TopKLogitsWarper(params["k"]), "nucleus": lambda: TopPLogitsWarper(params["p"]),
+               "typical": lambda: TypicalLogitsWarper(params["mass"])}
+    return LogitsProcessorList([TemperatureLogitsWarper(params.get("temperature", 1.0)), filters[decoder]()])
+
+
+@pytest.fixture(scope="module")
+def toy_lm():
+    from magic_edu import load_models
+
+    return load_models("toy").lm
+
+
+@pytest.mark.parametrize("decoder, params", SAMPLERS)
+@pytest.mark.parametrize("model", ["tiny_lm64", "toy_lm"])
+def test_what_sampling_draws_from_is_transformers_warper_chain(decoder, params, model, request):
+    """At every step of a decode, the probabilities the trace shows (sample_prob) are softmax of
+    transformers' TemperatureLogitsWarper then Top-k / Top-p / Typical warper, applied to the step's
+    logits; those logits are the LM's own (an independent forward of the whole text, no cache)."""
+    lm = request.getfixturevalue(model)
+    s = Stepper(lm, decoder, seed=3, max_new_tokens=10, stop_at_eos=False, **params)
+    chain = transformers_chain(decoder, params)
+    ids = lm.prefix_ids(None)
+    while not s.done:
+        logits = s._logits.double()  # what this step decides from
+        independent = lm.model(torch.tensor([ids])).logits[0, -1].double()
+        torch.testing.assert_close(logits[0], independent, atol=1e-4 if model == "toy_lm" else 1e-10, rtol=0)
+        want = torch.softmax(chain(None, logits.clone()), dim=-1)[0]
+        record = s.step()
+        assert record.sample_prob == want[record.token_ids].tolist()  # bit for bit
+        assert want[record.chosen_token_id] > 0  # drawn from the filtered distribution's support
+        assert record.lm_prob == pytest.approx(torch.softmax(logits[0], -1)[record.token_ids].tolist(), abs=1e-12)
+        ids.append(record.chosen_token_id)
+
+
+def test_sampling_draws_with_the_filtered_probabilities(tiny_lm64):
+    """The first token of many seeds: its frequencies are the filtered distribution's (within 5
+    standard deviations), and no token outside the filter is ever drawn."""
+    n = 600
+    first = Stepper(tiny_lm64, "top_k", k=4, temperature=0.8, seed=0, max_new_tokens=1).step()
+    p = dict(zip(first.token_ids, first.sample_prob))
+    counts = {}
+    for seed in range(n):
+        token = Stepper(tiny_lm64, "top_k", k=4, temperature=0.8, seed=seed, max_new_tokens=1, record=False,
+                        history=False).run()[0].token_ids[0]
+        counts[token] = counts.get(token, 0) + 1
+    assert set(counts) <= {t for t, q in p.items() if q > 0}
+    for token, q in p.items():
+        assert abs(counts.get(token, 0) - n * q) <= 5 * math.sqrt(n * q * (1 - q)) + 1, (token, q, counts)
+
+
+def test_temperature_shapes_the_distribution(tiny_lm64):
+    """A tiny temperature leaves one token (sampling becomes greedy search); temperature 1 changes nothing."""
+    greedy = greedy_search(tiny_lm64, max_new_tokens=10, stop_at_eos=False).token_ids
+    for fn, kw in ((top_k_sampling, dict(k=50)), (nucleus_sampling, dict(p=0.99)), (typical_sampling, dict(mass=0.99))):
+        cold = fn(tiny_lm64, temperature=1e-4, seed=1, max_new_tokens=10, stop_at_eos=False, **kw)
+        assert cold.token_ids == greedy
+        assert all(step.sample_prob[step.chosen] == 1.0 for step in cold.trace)
+        assert (fn(tiny_lm64, temperature=1.0, seed=1, max_new_tokens=10, **kw).token_ids
+                == fn(tiny_lm64, seed=1, max_new_tokens=10, **kw).token_ids)
+    hot = top_k_sampling(tiny_lm64, k=5, temperature=3.0, seed=1, max_new_tokens=1).trace[0]
+    cool = top_k_sampling(tiny_lm64, k=5, temperature=0.5, seed=1, max_new_tokens=1).trace[0]
+    assert max(hot.sample_prob) < max(cool.sample_prob)  # flatter when hot
+
+
+def test_typical_sampling_may_leave_out_the_most_probable_tokens(tiny_lm64):
+    gen = typical_sampling(tiny_lm64, mass=0.2, seed=0, max_new_tokens=8, stop_at_eos=False)
+    assert any(step.sample_prob[0] == 0.0 for step in gen.trace)  # the most probable token was filtered out
+    for step in gen.trace:
+        assert step.sample_prob[step.chosen] > 0
+
+
 # -- bad input -----------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,name", [
     (dict(k=0), "k"), (dict(k=10**7), "k"), (dict(k=2.5), "k"), (dict(alpha=-0.1), "alpha"),
@@ -357,6 +446,24 @@ def test_bad_settings_name_the_argument(tiny_lm, tiny_clip, kwargs, name):
     assert issubclass(MagicEduError, ValueError)
 
 
+@pytest.mark.parametrize("decoder, kwargs, message", [
+    ("top_k", dict(temperature=0.0), "temperature must be a number > 0.0 (finite); got 0.0"),
+    ("nucleus", dict(temperature=-1.0), "temperature must be a number > 0.0 (finite); got -1.0"),
+    ("typical", dict(temperature=float("inf")), "temperature must be a number > 0.0 (finite); got inf"),
+    ("typical", dict(temperature=float("nan")), "temperature must be a number > 0.0 (finite); got nan"),
+    ("typical", dict(mass=0.0), "mass must be a number in (0.0, 1.0]; got 0.0"),
+    ("typical", dict(mass=1.5), "mass must be a number between 0.0 and 1.0; got 1.5"),
+    ("greedy", dict(temperature=0.5), "temperature: greedy search has no such parameter"),
+    ("contrastive", dict(temperature=0.5), "temperature: contrastive search has no such parameter"),
+    ("magic", dict(temperature=0.5), "temperature: MAGIC search has no such parameter"),
+    ("nucleus", dict(mass=0.5), "mass: nucleus sampling has no such parameter"),
+])
+def test_bad_sampling_settings_name_the_argument_and_the_range(tiny_lm, decoder, kwargs, message):
+    with pytest.raises(MagicEduError) as err:
+        Stepper(tiny_lm, decoder, **kwargs)
+    assert str(err.value).startswith(message)
+
+
 def test_bad_settings_for_other_decoders(tiny_lm):
     with pytest.raises(MagicEduError, match="p "):
         nucleus_sampling(tiny_lm, p=1.5)
@@ -365,7 +472,7 @@ def test_bad_settings_for_other_decoders(tiny_lm):
     with pytest.raises(MagicEduError, match="seed"):
         top_k_sampling(tiny_lm, seed=-1)
     with pytest.raises(MagicEduError, match="decoder"):
-        Stepper(tiny_lm, "beam")
+        Stepper(tiny_lm, "diverse_beam")
     with pytest.raises(MagicEduError, match="image"):
         Stepper(tiny_lm, "magic")
 
@@ -400,7 +507,9 @@ def test_back_then_step_gives_the_same_record_bit_for_bit(tiny_lm, tiny_clip):
     image = make_image(3)
     for decoder, kw in (("magic", dict(clip=tiny_clip, image=image, k=6, alpha=0.3, beta=1.0)),
                         ("contrastive", dict(k=4, alpha=0.5)), ("greedy", {}), ("top_k", dict(k=20, seed=5)),
-                        ("nucleus", dict(p=0.9, seed=5))):
+                        ("nucleus", dict(p=0.9, seed=5)), ("top_k", dict(k=20, temperature=0.6, seed=5)),
+                        ("typical", dict(mass=0.8, temperature=1.3, seed=5)), ("beam", dict(num_beams=3)),
+                        ("beam", dict(num_beams=5, length_penalty=-0.5))):
         s = Stepper(tiny_lm, decoder, max_new_tokens=90, stop_at_eos=False, **kw)  # room grows past 64
         first = [record(s) for _ in range(80)]
         for back in (1, 5, 70):

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 
 import numpy as np
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from magic_edu import MagicEduError, Stepper, Trace
@@ -182,7 +183,7 @@ def renamed(trace: Trace, decoder: str | None) -> Trace:
     return Trace.from_dict(data)
 
 
-@pytest.mark.parametrize("decoder", ["beam", None, ["not", "a", "name"]])
+@pytest.mark.parametrize("decoder", ["diverse_beam", None, ["not", "a", "name"]])
 def test_a_trace_of_a_decoder_the_registry_does_not_know_is_drawn_by_probability(contrastive_trace, decoder):
     trace = renamed(contrastive_trace, decoder)
     record = trace.steps[0]
@@ -358,3 +359,70 @@ def test_plots_never_leave_pyplot_figures_open(magic_trace):
     plots.plot_step(magic_trace)
     plots.plot_decode(magic_trace)
     assert plt.get_fignums() == before
+
+
+# -- beam search and sampling ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def beam_gen():
+    """Beam search with a model that ends often (+3 on EOS's logit): hypotheses finish before the last step."""
+    from magic_edu import beam_search
+    from magic_edu.tools.random_models import random_language_model
+
+    lm = random_language_model(seed=1, n_layer=2, n_embd=48, dtype=torch.float64)
+    head = torch.nn.Linear(48, lm.vocab_size, bias=True).double()
+    with torch.no_grad():
+        head.weight.copy_(lm.model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[lm.eos_token_id] = 3.0
+    lm.model.lm_head = head
+    return beam_search(lm, num_beams=3, length_penalty=1.0, max_new_tokens=7)
+
+
+def test_plot_beams_draws_every_beam_and_finished_hypothesis(beam_gen, greedy_trace):
+    trace = beam_gen.trace
+    kept = sum(b >= 0 for s in trace for b in s.next_beam)
+    finished = sum(not math.isnan(h) for s in trace for h in s.hypothesis_score)
+    assert finished >= 1 and trace.steps[0].next_beam.count(-1) < trace.steps[0].k
+    ax = plots.plot_beams(trace).axes[0]
+    boxes = [t for t in ax.texts if "\n" in t.get_text()]  # one per beam that goes on or hypothesis that ended
+    assert len(boxes) == kept + finished
+    for t in boxes:  # each at its step's column, its beam's row (or below the beams when it finished)
+        step, row = round(t.get_position()[0]) - 1, round(t.get_position()[1])
+        record = trace.steps[step]
+        label, number = t.get_text().split("\n")
+        i = next(i for i in range(record.k) if analysis.token_label(record.tokens[i]).startswith(label.rstrip("…"))
+                 and (record.next_beam[i] == row if row < 3 else record.next_beam[i] == -1))
+        assert number == (f"{record.score[i]:.2f}" if row < 3 else f"score {record.hypothesis_score[i]:.2f}")
+    # the result's path is bold, one box a token, in order
+    bold = sorted((t for t in boxes if t.get_fontweight() == "bold"), key=lambda t: t.get_position()[0])
+    assert [round(t.get_position()[0]) - 1 for t in bold] == list(range(len(beam_gen.token_ids)))
+    assert [t.get_text().split("\n")[0] for t in bold] == [plots._token(trace.steps[s].tokens[i], 10)
+                                                           for s, i in analysis.output_path(trace)]
+    assert analysis.chosen_ids(trace) == beam_gen.token_ids
+    # up to a step: only the columns so far
+    early = plots.plot_beams(trace, 1).axes[0]
+    assert max(round(t.get_position()[0]) for t in early.texts) == 2
+    with pytest.raises(MagicEduError, match="needs a beam search trace"):
+        plots.plot_beams(greedy_trace)
+
+
+def test_the_other_plots_take_a_beam_trace(beam_gen, greedy_trace, tmp_path):
+    trace = Trace.load(beam_gen.trace.save(tmp_path / "beam.json"))  # from the file alone
+    ax = plots.plot_step(trace, 1).axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert all(label.lstrip(plots.CHOSEN_MARK).startswith(f"beam {b} + ")
+               for label, b in zip(labels, trace.steps[1].beam))
+    path = line(plots.plot_decode(trace, "score").axes[0], plots.PATH_LABEL)  # the result's path, not each step's best
+    np.testing.assert_array_equal(path.get_xdata(), [i for _, i in analysis.output_path(trace)])
+    np.testing.assert_array_equal(path.get_ydata(), [s for s, _ in analysis.output_path(trace)])
+    fig = plots.plot_decoders([greedy_trace, trace], ["greedy", "beam"])
+    lane = sorted((t for t in fig.axes[0].texts if round(t.get_position()[1]) == 1), key=lambda t: t.get_position()[0])
+    assert [t.get_text() for t in lane] == [plots._token(beam_gen.trace.steps[s].tokens[i], 9)
+                                            for s, i in analysis.output_path(trace)]
+
+
+def test_plot_step_of_a_sampling_trace(tiny_lm):
+    trace = Stepper(tiny_lm, "typical", mass=0.5, temperature=1.2, seed=1, max_new_tokens=3).run()[0].trace
+    ax = plots.plot_step(trace, 0).axes[0]
+    np.testing.assert_allclose([b.get_width() for b in container(ax, plots.PROB_LABEL)], trace.steps[0].lm_prob)
+    assert "T=1.2" in ax.get_title(loc="left") and "mass=0.5" in ax.get_title(loc="left")

@@ -16,8 +16,12 @@ from magic_edu.registry import (
     ALPHA,
     BETA,
     DECODERS,
+    LENGTH_PENALTY,
+    MASS,
     MAX_NEW_TOKENS,
+    NUM_BEAMS,
     SEED,
+    TEMPERATURE,
     Decoder,
     P,
     Param,
@@ -26,7 +30,7 @@ from magic_edu.registry import (
 )
 from magic_edu.tools import cli
 
-ALL_NAMES = ("greedy", "top_k", "nucleus", "contrastive", "magic")
+ALL_NAMES = ("greedy", "top_k", "nucleus", "typical", "beam", "contrastive", "magic")
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -38,11 +42,12 @@ def test_names_and_aliases_resolve():
             assert get_decoder(alias) is decoder
     assert get_decoder("top-k") is DECODERS["top_k"]
     assert get_decoder("top-p") is DECODERS["nucleus"]
+    assert get_decoder("typical-p") is DECODERS["typical"] and get_decoder("beam-search") is DECODERS["beam"]
     aliases = [a for d in DECODERS.values() for a in d.aliases]
     assert len(set(aliases)) == len(aliases) and not set(aliases) & set(DECODERS)
 
 
-@pytest.mark.parametrize("name", ["beam", "Magic", "", None, 3, ["magic"]])
+@pytest.mark.parametrize("name", ["diverse_beam", "Magic", "", None, 3, ["magic"]])
 def test_unknown_names_are_rejected_naming_the_allowed_ones(name):
     with pytest.raises(MagicEduError) as err:
         get_decoder(name)
@@ -53,10 +58,15 @@ def test_unknown_names_are_rejected_naming_the_allowed_ones(name):
 
 def test_what_each_decoder_is():
     assert candidate_decoders() == ("contrastive", "magic")
-    assert [n for n, d in DECODERS.items() if d.samples] == ["top_k", "nucleus"]
+    assert [n for n, d in DECODERS.items() if d.samples] == ["top_k", "nucleus", "typical"]
     assert [n for n, d in DECODERS.items() if d.needs_image] == ["magic"]
+    assert [n for n, d in DECODERS.items() if d.beams] == ["beam"]
     assert DECODERS["greedy"].param_names == ()
     assert DECODERS["magic"].param_names == ("k", "alpha", "beta", "clip_text_max_len")
+    # every sampler takes a temperature; the searches do not
+    assert [n for n, d in DECODERS.items() if "temperature" in d.param_names] == ["top_k", "nucleus", "typical"]
+    assert DECODERS["typical"].param_names == ("mass", "temperature", "seed")
+    assert DECODERS["beam"].param_names == ("num_beams", "length_penalty")
     with pytest.raises(MagicEduError, match="greedy has no parameter 'k'; its parameters: "):
         DECODERS["greedy"].param("k")
 
@@ -70,6 +80,27 @@ def test_float_ranges():
     assert BETA.check(1e6) == 1e6  # no upper bound
     with pytest.raises(MagicEduError, match="beta must be a number >= 0.0"):
         BETA.check(-1)
+
+
+def test_the_new_ranges_name_the_argument_and_the_range():
+    """temperature > 0 and finite, mass in (0, 1], num_beams in [1, vocab], length_penalty finite."""
+    assert TEMPERATURE.check(1e-3) == 1e-3 and TEMPERATURE.check(50) == 50.0
+    for bad in (0, 0.0, -1.0, float("inf"), float("nan"), True, "1"):
+        with pytest.raises(MagicEduError, match=r"^temperature must be a number > 0.0 \(finite\); got "):
+            TEMPERATURE.check(bad)
+    assert MASS.check(1.0) == 1.0 and MASS.check(1e-9) == 1e-9
+    with pytest.raises(MagicEduError, match=r"^mass must be a number in \(0.0, 1.0\]; got 0.0"):
+        MASS.check(0)
+    with pytest.raises(MagicEduError, match="^mass must be a number between 0.0 and 1.0; got 1.5"):
+        MASS.check(1.5)
+    assert NUM_BEAMS.check(81, vocab_size=81) == 81
+    for bad, message in ((0, "got 0"), (82, "got 82"), (2.0, "got 2.0"), (True, "got True")):
+        with pytest.raises(MagicEduError, match=f"^num_beams must be an integer between 1 and 81; {message}"):
+            NUM_BEAMS.check(bad, vocab_size=81)
+    assert LENGTH_PENALTY.check(-3) == -3.0 and LENGTH_PENALTY.check(0) == 0.0 and LENGTH_PENALTY.check(1e6) == 1e6
+    for bad in (float("inf"), -float("inf"), float("nan"), None, "1"):
+        with pytest.raises(MagicEduError, match="^length_penalty must be a finite number; got "):
+            LENGTH_PENALTY.check(bad)
 
 
 def test_p_excludes_zero():
@@ -126,14 +157,18 @@ def test_settings_given_beat_the_preset_which_beats_the_default():
     assert values == {"k": 8, "alpha": 0.5, "beta": 3.0, "clip_text_max_len": 60}
     assert from_preset == ["k", "beta"]
     assert DECODERS["contrastive"].settings({}, PRESET) == ({"k": 8, "alpha": 0.25}, ["k", "alpha"])
-    assert DECODERS["nucleus"].settings({}, PRESET) == ({"p": 0.5, "seed": None}, ["p"])  # a seed is never preset
+    assert DECODERS["nucleus"].settings({}, PRESET) == ({"p": 0.5, "temperature": 1.0, "seed": None}, ["p"])
+    # a seed, a temperature, a mass and the beam settings are never preset
+    preset = {**PRESET, "temperature": 0.5, "mass": 0.2, "num_beams": 9, "length_penalty": 3.0}
+    assert DECODERS["typical"].settings({}, preset) == ({"mass": 0.95, "temperature": 1.0, "seed": None}, [])
+    assert DECODERS["beam"].settings({}, preset) == ({"num_beams": 4, "length_penalty": 1.0}, [])
     assert DECODERS["nucleus"].settings({"seed": 3}, PRESET)[0]["seed"] == 3
     assert DECODERS["greedy"].settings({}, PRESET) == ({}, [])
 
 
 def test_top_k_samplings_k_ignores_a_preset_k():
     top_k = DECODERS["top_k"]
-    assert top_k.settings({}, PRESET) == ({"k": 40, "seed": None}, [])
+    assert top_k.settings({}, PRESET) == ({"k": 40, "temperature": 1.0, "seed": None}, [])
     assert top_k.settings({"k": 3}, PRESET)[0]["k"] == 3
 
 
@@ -175,25 +210,25 @@ def test_every_entry_matches_the_function_that_runs_it(decoder):
 
 
 # -- a new decoder reaches the widgets and the command line ------------------------------------------
-TEMPERATURE = Param("temperature", float, 1.0, 0.0, None, "divide the logits by this", (0.1, 2.0, 0.1),
-                    low_open=True)
+EPSILON = Param("epsilon", float, 3e-4, 0.0, 1.0, "keep the tokens more probable than this", (0.0001, 0.01, 0.0001),
+                low_open=True)
 
 
 @pytest.fixture
 def new_decoder(monkeypatch) -> SimpleNamespace:
     """A sampling decoder with a parameter no other decoder has, added as a plugin would add it
     (``.decoder``), and the calls of its function (``.calls``)."""
-    decoder = Decoder("tempered", "tempered sampling", "tempered_sampling", (TEMPERATURE, SEED), samples=True,
-                      aliases=("temp",))
+    decoder = Decoder("epsilon", "epsilon sampling", "epsilon_sampling", (EPSILON, SEED), samples=True,
+                      aliases=("eps",))
     monkeypatch.setitem(DECODERS, decoder.name, decoder)
     calls = []
 
-    def tempered_sampling(lm, *, temperature=None, seed=None, prompt=None, max_new_tokens=None, stop_at_eos=True,
-                          record=True):
-        calls.append({"temperature": temperature, "seed": seed, "max_new_tokens": max_new_tokens, "record": record})
-        return SimpleNamespace(text=f"tempered {seed}")
+    def epsilon_sampling(lm, *, epsilon=None, seed=None, prompt=None, max_new_tokens=None, stop_at_eos=True,
+                         record=True):
+        calls.append({"epsilon": epsilon, "seed": seed, "max_new_tokens": max_new_tokens, "record": record})
+        return SimpleNamespace(text=f"epsilon {seed}")
 
-    monkeypatch.setattr(magic_edu, "tempered_sampling", tempered_sampling, raising=False)
+    monkeypatch.setattr(magic_edu, "epsilon_sampling", epsilon_sampling, raising=False)
     return SimpleNamespace(decoder=decoder, calls=calls)
 
 
@@ -211,39 +246,100 @@ def test_a_new_decoder_shows_up_in_the_widgets(new_decoder, models):
     from conftest import make_image
 
     w = StepThrough(models, make_image(1))
-    assert ("tempered sampling", "tempered") in w.decoder.options
-    control = w.controls["temperature"]  # a slider from the registry's description
-    assert (control.min, control.max, control.step, control.value) == (0.1, 2.0, 0.1, 1.0)
-    assert control.disabled and not w.k.disabled  # MAGIC has no temperature
-    compare = CompareDecoders(models, make_image(1), sampler="temp")
-    assert compare.sampler.value == "tempered" and ("tempered sampling", "tempered") in compare.sampler.options
+    assert ("epsilon sampling", "epsilon") in w.decoder.options
+    control = w.controls["epsilon"]  # a slider from the registry's description
+    assert (control.min, control.max, control.step, control.value) == (0.0001, 0.01, 0.0001, 3e-4)
+    assert control.disabled and not w.k.disabled  # MAGIC has no epsilon
+    compare = CompareDecoders(models, make_image(1), sampler="eps")
+    assert compare.sampler.value == "epsilon" and ("epsilon sampling", "epsilon") in compare.sampler.options
 
 
 def test_a_new_decoder_shows_up_in_the_command_line(new_decoder, tmp_path, capsys, monkeypatch):
     from PIL import Image
 
-    assert "tempered" in cli.decoder_choices() and "temp" in cli.decoder_choices()
+    assert "epsilon" in cli.decoder_choices() and "eps" in cli.decoder_choices()
     with pytest.raises(SystemExit):
         cli.main(["caption", "--help"])
-    assert "--temperature" in capsys.readouterr().out
+    assert "--epsilon" in capsys.readouterr().out
     Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
     monkeypatch.setattr(magic_edu, "load_models", lambda preset: SimpleNamespace(lm="LM", clip="CLIP", defaults={}))
     out = tmp_path / "r.json"
-    assert cli.main(["caption", str(tmp_path / "a.png"), "--out", str(out), "--decoder", "temp",
-                     "--temperature", "0.7", "--seed", "4"]) == 0
-    assert new_decoder.calls == [{"temperature": 0.7, "seed": cli.image_seed(4, "a.png"), "max_new_tokens": None,
+    assert cli.main(["caption", str(tmp_path / "a.png"), "--out", str(out), "--decoder", "eps",
+                     "--epsilon", "0.002", "--seed", "4"]) == 0
+    assert new_decoder.calls == [{"epsilon": 0.002, "seed": cli.image_seed(4, "a.png"), "max_new_tokens": None,
                                   "record": False}]
     # its parameter is checked by the registry, and refused by the decoders that do not take it
-    assert cli.main(["caption", str(tmp_path / "a.png"), "--out", str(out), "--decoder", "temp",
-                     "--temperature", "0"]) == 2
+    assert cli.main(["caption", str(tmp_path / "a.png"), "--out", str(out), "--decoder", "eps",
+                     "--epsilon", "0"]) == 2
     assert cli.main(["caption", str(tmp_path / "a.png"), "--out", str(out), "--decoder", "greedy",
-                     "--temperature", "0.7"]) == 2
+                     "--epsilon", "0.002"]) == 2
     err = capsys.readouterr().err
-    assert "temperature must be a number" in err and "got 0.0" in err
-    assert "--temperature: --decoder greedy (greedy search) does not take it" in err
+    assert "epsilon must be a number in (0.0, 1.0]" in err and "got 0.0" in err
+    assert "--epsilon: --decoder greedy (greedy search) does not take it" in err
     assert len(new_decoder.calls) == 1
     with pytest.raises(SystemExit):
-        cli.main(["caption", "x.png", "--out", str(out), "--temperature", "1", "--decoder", "beam"])
+        cli.main(["caption", "x.png", "--out", str(out), "--epsilon", "1", "--decoder", "diverse_beam"])
+
+
+# -- the real decoders added to the registry reach them too ----------------------------------------------
+def test_typical_sampling_and_beam_search_show_up_in_the_widgets(models):
+    from magic_edu.views.widgets import CompareDecoders, StepThrough, compared_decoders
+
+    from conftest import make_image
+
+    w = StepThrough(models, make_image(1), decoder="typical-p")
+    assert w.decoder.value == "typical" and "Problem" not in w.message.value
+    assert {n for n, c in w.controls.items() if not c.disabled} == {"mass", "temperature", "seed"}
+    assert (w.mass.min, w.mass.max, w.mass.step, w.mass.value) == (*MASS.slider, 0.95)
+    assert (w.temperature.min, w.temperature.max, w.temperature.value) == (0.1, 2.0, 1.0)
+    w.temperature.value = 0.5
+    w.next_button.click()
+    assert w.trace.settings["temperature"] == 0.5 and w.trace.settings["mass"] == 0.95
+    w.decoder.value = "beam"
+    assert {n for n, c in w.controls.items() if not c.disabled} == {"num_beams", "length_penalty"}
+    assert (w.num_beams.value, w.length_penalty.value) == (4, 1.0)
+    w.num_beams.value = 3
+    w.next_button.click()
+    assert "Problem" not in w.message.value and w.trace.settings["num_beams"] == 3
+    assert compared_decoders() == ["greedy", "beam", "contrastive", "magic"]
+    compare = CompareDecoders(models, make_image(1), sampler="typical")
+    assert "Problem" not in compare.message.value
+    assert list(compare.frame["decoder"]) == ["greedy", "beam", "contrastive", "magic", "typical"]
+
+
+def test_typical_sampling_and_beam_search_show_up_in_the_command_line(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    assert {"typical", "typical-p", "beam", "beam-search"} <= set(cli.decoder_choices())
+    with pytest.raises(SystemExit):
+        cli.main(["caption", "--help"])
+    help_text = capsys.readouterr().out
+    for option in ("--temperature", "--mass", "--num-beams", "--length-penalty"):
+        assert option in help_text
+    calls = []
+    monkeypatch.setattr(magic_edu, "load_models", lambda preset: SimpleNamespace(lm="LM", clip="CLIP", defaults={}))
+    monkeypatch.setattr(magic_edu, "typical_sampling",
+                        lambda lm, **kw: calls.append(("typical", kw)) or SimpleNamespace(text="a typical one"))
+    monkeypatch.setattr(magic_edu, "beam_search",
+                        lambda lm, **kw: calls.append(("beam", kw)) or SimpleNamespace(text="a beam one"))
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    argv = ["caption", str(tmp_path / "a.png")]
+    assert cli.main([*argv, "--out", str(tmp_path / "t.json"), "--decoder", "typical", "--mass", "0.5",
+                     "--temperature", "0.7", "--seed", "2"]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "b.json"), "--decoder", "beam-search", "--num-beams", "3",
+                     "--length-penalty", "-0.5"]) == 0
+    assert calls == [("typical", {"mass": 0.5, "temperature": 0.7, "seed": cli.image_seed(2, "a.png"),
+                                  "record": False}),
+                     ("beam", {"num_beams": 3, "length_penalty": -0.5, "record": False})]
+    for bad, message in ((["--decoder", "typical", "--mass", "0"], "mass must be a number in (0.0, 1.0]; got 0.0"),
+                         (["--decoder", "top_k", "--temperature", "0"], "temperature must be a number > 0.0"),
+                         (["--decoder", "beam", "--num-beams", "0"], "num_beams must be an integer >= 1; got 0"),
+                         (["--decoder", "beam", "--length-penalty", "inf"], "length_penalty must be a finite number"),
+                         (["--decoder", "greedy", "--temperature", "0.5"], "--temperature: --decoder greedy"),
+                         (["--decoder", "magic", "--num-beams", "2"], "--num-beams: --decoder magic")):
+        assert cli.main([*argv, "--out", str(tmp_path / "x.json"), *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert len(calls) == 2
 
 
 def test_replacing_an_entry_changes_what_the_plots_draw(monkeypatch):

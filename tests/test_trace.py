@@ -96,6 +96,9 @@ def broken_variants() -> list[tuple[str, object, str]]:
         ("tokens not strings", changed(lambda d: d["steps"][0].update(tokens=[1, 2, 3])), "'tokens' must be"),
         ("forced not a bool", changed(lambda d: d["steps"][0].update(forced="yes")), "'forced' must be"),
         ("unknown step field", changed(lambda d: d["steps"][0].update(extra=1)), "unknown field 'extra'"),
+        ("uneven optional column", changed(lambda d: d["steps"][0].update(next_beam=[0, 1])),
+         "'next_beam' has 2 entries"),
+        ("beam not an int", changed(lambda d: d["steps"][0].update(beam=[0, 1.5, 2])), "'beam' must be a list of int"),
         ("settings not an object", changed(lambda d: d.update(settings=[1])), "'settings' must be an object"),
         ("prefix ids not ints", changed(lambda d: d.update(prefix_ids="12")), "'prefix_ids' must be"),
         ("newer version", changed(lambda d: d.update(version=FORMAT_VERSION + 1)), "newer magic_edu"),
@@ -123,6 +126,47 @@ def test_deep_nesting_and_non_json_are_magic_edu_errors(tmp_path, text):
     with pytest.raises(MagicEduError) as err:
         Trace.load(path)
     assert str(path) in str(err.value)
+
+
+def beam_like_trace() -> Trace:
+    """Two steps with the sampling and beam columns filled (as beam search and sampling fill them)."""
+    steps = [StepRecord(step=i, text="", token_ids=[5, 6, 7], tokens=["a", "b", "c"], lm_prob=[0.5, 0.3, 0.2],
+                        degeneration_penalty=[NAN] * 3, penalty_position=[-1] * 3, clip_text=[""] * 3,
+                        clip_cosine=[NAN] * 3, clip_score=[NAN] * 3, score=[-0.7, -1.2, -1.6], chosen=0,
+                        sample_prob=[0.6, 0.4, 0.0], beam=[0, 0, 1], next_beam=[0, -1, 1],
+                        hypothesis_score=[NAN, -1.2, NAN])
+             for i in range(2)]
+    return Trace({"decoder": "beam", "num_beams": 2}, [1], ["<s>"], steps)
+
+
+def test_the_sampling_and_beam_columns_round_trip(tmp_path):
+    trace = beam_like_trace()
+    loaded = Trace.load(trace.save(tmp_path / "beam.json"))
+    for name in ("beam", "next_beam"):
+        assert getattr(loaded.steps[1], name) == getattr(trace.steps[1], name)
+    for name in ("sample_prob", "hypothesis_score"):
+        assert same_floats(getattr(loaded.steps[1], name), getattr(trace.steps[1], name))
+    frame = loaded.to_frame()
+    assert list(frame.columns[-6:]) == ["sample_prob", "beam", "next_beam", "hypothesis_score", "chosen", "forced"]
+    assert list(frame["next_beam"]) == [0, -1, 1] * 2 and frame["hypothesis_score"].isna().sum() == 4
+    assert loaded.to_frame().equals(trace.to_frame())
+
+
+def test_a_version_1_file_loads_without_the_sampling_and_beam_columns(tmp_path):
+    """Files written before those columns existed (format version 1) load; the columns read NaN / -1,
+    as for a decoder that does not compute them. Records made without them (empty) read the same."""
+    data = make_trace().to_dict()
+    data["version"] = 1
+    for step in data["steps"]:
+        for name in ("sample_prob", "beam", "next_beam", "hypothesis_score"):
+            del step[name]
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(data, allow_nan=True))
+    loaded = Trace.load(path)
+    assert loaded.steps[0].beam == [-1] * 3 and loaded.steps[0].next_beam == [-1] * 3
+    assert all(math.isnan(x) for x in loaded.steps[0].sample_prob + loaded.steps[0].hypothesis_score)
+    assert loaded.to_frame().equals(make_trace().to_frame())
+    assert FORMAT_VERSION == 2 and make_trace().to_dict()["version"] == 2
 
 
 def test_a_missing_file_is_an_error():

@@ -86,6 +86,54 @@ def test_step_through_next_shows_text_table_and_plot(models, image):
     assert w.view.value == 2 and w.view.max == 2
 
 
+def test_step_through_shows_the_beams_of_beam_search(models, image):
+    w = StepThrough(models, image, decoder="beam")
+    w.num_beams.value = 3
+    for _ in range(3):
+        w.next_button.click()
+    no_error(w)
+    record, stepper = w.shown_record(), w.stepper
+    rows = visible_rows(w)
+    assert len(rows) == record.k == 6 and "p(v|beam)" in w.header.value
+    for i, row in enumerate(rows):  # every candidate: the beam it extends, its summed log p and what became of it
+        fate = f"→ beam {record.next_beam[i]}" if record.next_beam[i] >= 0 else "dropped"
+        assert f"beam {record.beam[i]} + " in row.cells.value and f"{record.score[i]:.3f}" in row.cells.value
+        assert fate in row.cells.value or "finished" in row.cells.value
+        assert row.force.disabled  # nothing to force
+    # the text: the best beam's tokens, then every beam with its summed log-probability
+    assert w.text_view.value.count("Σ log p") == len(stepper.beams()) == 3
+    best_ids, best_log_p = stepper.beams()[0]
+    assert f"{best_log_p:.3f}" in w.text_view.value and best_ids == stepper.token_ids()
+    assert bytes(w.plot.value).startswith(PNG)
+    w.force(1)
+    assert "not meaningful for beam search" in w.message.value and len(w.trace.steps) == 3
+    w.back_button.click()
+    no_error(w)
+    assert len(w.trace.steps) == 2 and w.stepper.step_index == 2
+    w.run_button.click()
+    no_error(w)
+    assert w.stepper.done and "The search stopped" in w.text_view.value
+    assert w.stepper.token_ids() == stepper.hypotheses()[0][0] and analysis.chosen_ids(w.trace) == w.stepper.token_ids()
+    w.view.value = 0  # an earlier step: its table and its part of the tree
+    no_error(w)
+    assert w.shown_record().step == 0 and bytes(w.plot.value).startswith(PNG)
+    before = plt.get_fignums()
+    assert isinstance(w.snapshot(), Figure) and plt.get_fignums() == before
+
+
+def test_step_through_shows_what_sampling_draws_from(models, image):
+    w = StepThrough(models, image, decoder="typical")
+    w.mass.value = 0.5
+    w.next_button.click()
+    no_error(w)
+    record = w.shown_record()
+    assert "filtered p" in w.header.value and "penalty" not in w.header.value
+    for i, row in enumerate(visible_rows(w)):
+        assert f"{record.sample_prob[i]:.3f}" in row.cells.value
+    w.decoder.value = "greedy"
+    assert "penalty" in w.header.value
+
+
 def test_back_undoes_a_step_and_reset_clears(models, image):
     w = StepThrough(models, image)
     for _ in range(3):
@@ -189,8 +237,9 @@ def test_the_decoders_and_their_controls_come_from_the_registry(models, image):
     assert (w.p.min, w.p.max, w.p.step) == DECODERS["nucleus"].param("p").slider
     assert (w.k.value, w.alpha.value, w.beta.value) == (5, 0.3, 1.0)  # the preset's
     assert w.k.max == 50 and w.beta.max == 5.0
-    with pytest.raises(MagicEduError, match="decoder must be one of greedy, top_k, nucleus, contrastive, magic"):
-        StepThrough(models, image, decoder="beam")
+    with pytest.raises(MagicEduError, match="decoder must be one of greedy, top_k, nucleus, typical, beam, "
+                                            "contrastive, magic"):
+        StepThrough(models, image, decoder="diverse_beam")
 
 
 def test_bad_settings_show_a_message_in_the_widget(models, image):
@@ -264,9 +313,10 @@ def test_compare_decoders_side_by_side(models, image):
     w = CompareDecoders(models, image)
     no_error(w)
     frame = w.frame
-    assert list(frame["decoder"]) == ["greedy", "contrastive", "magic", "top_k"]
+    assert list(frame["decoder"]) == ["greedy", "beam", "contrastive", "magic", "top_k"]
     gens = w.generations
-    assert w.divergence == analysis.divergence_step([gens[n].token_ids for n in ("greedy", "contrastive", "magic")])
+    assert w.divergence == analysis.divergence_step([gens[n].token_ids for n in ("greedy", "beam", "contrastive",
+                                                                                 "magic")])
     if w.divergence is not None:
         assert f"split at step {w.divergence}" in w.summary.value
     leaves = analysis.divergence_step([gens["greedy"].token_ids, gens["top_k"].token_ids])
@@ -361,7 +411,7 @@ def test_widgets_on_the_toy_models():
     assert w.stepper.done and w.stepper.text() in w.text_view.value
     compare = CompareDecoders(toy)
     no_error(compare)
-    assert len(compare.frame) == 4
+    assert list(compare.frame["decoder"]) == ["greedy", "beam", "contrastive", "magic", "top_k"]
     sweep = Sweep(toy, alphas="0.1", betas="0, 1")
     sweep.run_button.click()
     no_error(sweep)

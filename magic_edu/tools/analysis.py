@@ -4,6 +4,8 @@
 * :func:`score_parts`: the three parts of one step's magic score, per candidate.
 * :func:`degeneration_matrix`: the cosine similarities between generated tokens' hidden states,
   rebuilt from a trace (no model needed), and the pairs that gave each step its penalty.
+* :func:`output_path`, :func:`chosen_ids`: the candidate behind every output token (for beam
+  search, the returned hypothesis traced back through the beams).
 * :func:`divergence_step`: where several decodes stop agreeing.
 * :func:`repeated_ngrams`: word n-grams that occur more than once in a text.
 * :func:`lm_log_likelihood`, :func:`caption_clip_score`: how likely a text is under the LM,
@@ -66,6 +68,12 @@ def trace_decoder(trace: Trace) -> Decoder | None:
         return None
 
 
+def is_beam_trace(trace: Trace) -> bool:
+    """Whether ``trace`` was written by a decoder that keeps several beams (beam search)."""
+    decoder = trace_decoder(trace)
+    return decoder is not None and decoder.beams
+
+
 def scores_candidates(trace: Trace) -> bool:
     """Whether ``trace``'s decoder scores its candidates (degeneration penalty, CLIP score),
     as contrastive and MAGIC search do; False for a decoder the registry does not know."""
@@ -119,9 +127,32 @@ def degeneration_matrix(trace: Trace) -> tuple[np.ndarray, list[int]]:
     return matrix, positions
 
 
+def output_path(trace: Trace) -> list[tuple[int, int]]:
+    """(step, candidate index) of every output token, in order: each step's chosen candidate; for
+    beam search, the returned hypothesis (the best ``hypothesis_score``, the earlier on a tie; while
+    none has finished, the best beam of the last step) traced back through the beams."""
+    if not is_beam_trace(trace):
+        return [(t, s.chosen) for t, s in enumerate(trace.steps)]
+    end, best = None, -math.inf
+    for t, record in enumerate(trace.steps):
+        for i, score in enumerate(record.hypothesis_score):
+            if score > best:
+                end, best = (t, i), score
+    if end is None and trace.steps and 0 in trace.steps[-1].next_beam:
+        end = (len(trace.steps) - 1, trace.steps[-1].next_beam.index(0))
+    path = []
+    while end is not None:
+        t, i = end
+        path.append(end)
+        beam = trace.steps[t].beam[i]
+        end = (t - 1, trace.steps[t - 1].next_beam.index(beam)) if t > 0 else None
+    return path[::-1]
+
+
 def chosen_ids(trace: Trace) -> list[int]:
-    """The token taken at every step of a trace."""
-    return [s.chosen_token_id for s in trace.steps]
+    """The output's tokens, one per :func:`output_path` entry (for all decoders but beam search:
+    the token taken at every step)."""
+    return [trace.steps[t].token_ids[i] for t, i in output_path(trace)]
 
 
 def divergence_step(sequences: Sequence[Sequence[Any]]) -> int | None:

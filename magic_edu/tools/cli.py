@@ -260,9 +260,12 @@ def check_settings(path: Path, settings: dict[str, Any], out: Path, resuming: bo
             differ.append(f"{key} {_shown(before.get(key), key)} before, {_shown(now[key], key)} now")
     if before.get("decoder") == now["decoder"]:
         old = before.get("params") if isinstance(before.get("params"), dict) else {}
+        decoder = get_decoder(now["decoder"])
         for name in sorted(set(old) | set(now["params"])):
-            if old.get(name) != now["params"].get(name):
-                differ.append(f"{name} {_shown(old.get(name))} before, {_shown(now['params'].get(name))} now")
+            # a parameter the old file lacks was added to the decoder since: it decoded with the default
+            was = old[name] if name in old or name not in decoder.param_names else decoder.param(name).default
+            if was != now["params"].get(name):
+                differ.append(f"{name} {_shown(was)} before, {_shown(now['params'].get(name))} now")
     if differ:
         raise MagicEduError(f"--out {out} was captioned with other settings ({'; '.join(differ)}; see {path}); "
                             "resume with the same settings, or choose a new --out for these")

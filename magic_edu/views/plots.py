@@ -6,6 +6,7 @@
     >>> plot_degeneration(gen.trace)     # hidden-state similarities behind the penalty
     >>> plot_clip_step(gen.trace, 2, image), plot_clip_over_decode(gen.trace)
     >>> plot_decoders([greedy, contrastive, magic])  # where and why the paths split
+    >>> plot_beams(beam_search(lm, num_beams=4).trace)  # beam search's tree of hypotheses
 
 Every function returns a matplotlib Figure (made without pyplot, so a notebook shows it once
 and nothing leaks). Colours are the Okabe-Ito palette and colour-blind safe colour maps
@@ -32,6 +33,8 @@ from ..tools.analysis import (
     chosen_ids,
     degeneration_matrix,
     divergence_step,
+    is_beam_trace,
+    output_path,
     score_parts,
     scores_candidates,
     token_label,
@@ -115,8 +118,9 @@ def _shorten(text: str, n: int = 36) -> str:
 def _settings_line(trace: Trace) -> str:
     s = trace.settings
     parts = [str(s.get("decoder", "?"))]
-    for key, sym in (("k", "k"), ("alpha", "α"), ("beta", "β"), ("p", "p")):
-        if key in s:
+    for key, sym in (("k", "k"), ("alpha", "α"), ("beta", "β"), ("p", "p"), ("mass", "mass"), ("temperature", "T"),
+                     ("num_beams", "beams"), ("length_penalty", "length penalty")):
+        if isinstance(s.get(key), (int, float)):
             parts.append(f"{sym}={s[key]:g}")
     return ", ".join(parts)
 
@@ -162,16 +166,20 @@ def plot_step(trace: TraceLike, step: int = -1, *, ax: Axes | None = None, max_c
 
     Contrastive / MAGIC: each bar is split into (1 - alpha) p(v|x) (plain), - alpha penalty
     (hatched ///, to the left of 0) and beta CLIP score (dotted ...); a diamond marks the total.
-    Greedy / sampling: one bar of p(v|x). The chosen candidate's row is shaded, outlined and
+    Greedy / sampling: one bar of p(v|x). Beam search: one bar of p(v | its beam) per candidate,
+    labelled with the beam it extends. The chosen candidate's row is shaded, outlined and
     labelled with ▶ (and "forced" when it was forced by hand).
     """
     trace = as_trace(trace)
     index = _step_index(trace, step)
     record, parts = trace.steps[index], score_parts(trace, index)
+    beams = is_beam_trace(trace)
     rows = _shown_rows(record, parts["score"], max_candidates)
     labels = []
     for r in rows:
         label = f"{_token(record.tokens[r])}  #{r + 1}"
+        if beams:
+            label = f"beam {record.beam[r]} + {label}"
         if r == record.chosen:
             label = CHOSEN_MARK + label + (" (forced)" if record.forced else "")
         labels.append(label)
@@ -201,7 +209,8 @@ def plot_step(trace: TraceLike, step: int = -1, *, ax: Axes | None = None, max_c
         ax.barh(y, widths["lm"], edgecolor=edge, linewidth=lw, label=PROB_LABEL, **LM_STYLE)
         for yi, p in zip(y, widths["lm"]):
             ax.annotate(f"{p:.3f}", (p, yi), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
-        ax.set_xlabel("p(v|x)  (this decoder scores by probability alone)")
+        ax.set_xlabel("p(v | its beam)  (beams are ranked by their summed log-probabilities)" if beams
+                      else "p(v|x)  (this decoder scores by probability alone)")
 
     if record.chosen in rows:
         i = rows.index(record.chosen)
@@ -267,17 +276,20 @@ def plot_decode(trace: TraceLike, column: str = "score", *, ax: Axes | None = No
                 ax.text(i, t, _token(tok, 11), ha="center", va="center", fontsize=7, zorder=6,
                         color="white" if dark else "black")
 
-    steps = np.arange(n)
-    chosen = np.array([s.chosen for s in trace.steps])
+    path = output_path(trace)  # the chosen candidates (for beam search: the returned hypothesis's)
+    steps = np.array([t for t, _ in path], dtype=int)
+    chosen = np.array([i for _, i in path], dtype=int)
     ax.plot(chosen, steps, color="white", linewidth=1.0, alpha=0.9, marker="o", markersize=18,
             markerfacecolor="none", markeredgecolor="black", markeredgewidth=2.0, label=PATH_LABEL, zorder=4)
     ax.plot(chosen, steps, linestyle="none", marker="o", markersize=21, markerfacecolor="none",
             markeredgecolor="white", markeredgewidth=1.0, zorder=4)
-    forced = np.array([s.forced for s in trace.steps])
+    forced = np.array([trace.steps[t].forced for t in steps], dtype=bool)
     if forced.any():
         ax.plot(chosen[forced], steps[forced], linestyle="none", marker="s", markersize=22, markerfacecolor="none",
                 markeredgecolor=OKABE_ITO["orange"], markeredgewidth=2.5, label=FORCED_LABEL, zorder=5)
-    ax.set_yticks(steps, [f"{s.step}  {_token(s.chosen_token)}" for s in trace.steps], fontsize=8)
+    taken = dict(path)
+    ax.set_yticks(np.arange(n), [f"{s.step}  {_token(s.tokens[taken.get(t, s.chosen)])}"
+                                 for t, s in enumerate(trace.steps)], fontsize=8)
     ax.set_xticks(np.arange(k), [f"#{i + 1}" for i in range(k)], fontsize=8)
     ax.set_xlabel("candidate (rank by p(v|x))")
     ax.set_ylabel("step  (token taken)")
@@ -417,16 +429,18 @@ def _named_traces(traces: Sequence[TraceLike] | Mapping[str, TraceLike],
 
 
 def split_table(traces: Sequence[Trace], step: int) -> list[list[str]]:
-    """Per trace, at ``step``: token taken, its rank by p, p(v|x), penalty, CLIP score, total."""
+    """Per trace, the ``step``-th output token: the token, its rank among the step's candidates,
+    p(v|x), penalty, CLIP score, total (for beam search: its hypothesis, traced back)."""
     rows = []
     for trace in traces:
-        if step >= len(trace.steps):
+        path = output_path(trace)
+        if step >= len(path):
             rows.append(["(ended)", "", "", "", "", ""])
             continue
-        r = trace.steps[step]
-        numbers = [r.lm_prob[r.chosen], r.degeneration_penalty[r.chosen], r.clip_score[r.chosen], r.score[r.chosen]]
-        rows.append([f"“{_token(r.chosen_token)}”", f"#{r.chosen + 1}",
-                     *("–" if np.isnan(x) else f"{x:.3f}" for x in numbers)])
+        t, i = path[step]
+        r = trace.steps[t]
+        numbers = [r.lm_prob[i], r.degeneration_penalty[i], r.clip_score[i], r.score[i]]
+        rows.append([f"“{_token(r.tokens[i])}”", f"#{i + 1}", *("–" if np.isnan(x) else f"{x:.3f}" for x in numbers)])
     return rows
 
 
@@ -453,10 +467,10 @@ def plot_decoders(traces: Sequence[TraceLike] | Mapping[str, TraceLike], labels:
     ax, ax_table = fig.subplots(2, 1, height_ratios=[len(traces) + 0.6, 0.5 * (len(traces) + 1)])
     for row, trace in enumerate(traces):
         same_until = shared_until if row == 0 else leaves[row]
-        for t, record in enumerate(trace.steps):
+        for t, (step_index, i) in enumerate(output_path(trace)):
             shared = same_until is None or t < same_until
             leaving = row > 0 and t == leaves[row]
-            ax.text(t, row, _token(record.chosen_token, 9), ha="center", va="center", fontsize=8,
+            ax.text(t, row, _token(trace.steps[step_index].tokens[i], 9), ha="center", va="center", fontsize=8,
                     fontweight="bold" if leaving else "normal",
                     bbox={"boxstyle": "round,pad=0.25", "facecolor": "#DDDDDD" if shared else "white",
                           "edgecolor": OKABE_ITO["grey"] if shared else "black", "linewidth": 2.2 if leaving else 0.8})
@@ -485,6 +499,73 @@ def plot_decoders(traces: Sequence[TraceLike] | Mapping[str, TraceLike], labels:
         table.set_fontsize(8)
         ax_table.set_title(f"why: what each decoder took at step {split}", fontsize=8, loc="left")
     return fig.figure
+
+
+# -- beam search ------------------------------------------------------------------------------
+RESULT_LABEL = "returned hypothesis (while searching: the best beam)"
+
+
+def plot_beams(trace: TraceLike, step: int | None = None, *, ax: Axes | None = None) -> MplFigure:
+    """Beam search's tree up to ``step`` (default: the last), one column per step: the beams that
+    go on (round boxes, beam 0 on top, with their summed log-probability) and the hypotheses
+    that finished there (square boxes below them, with their score log p / length ** length
+    penalty), each joined to the beam it extends; the prefix is the root on the left. The
+    returned hypothesis (while none has finished, the best beam) is drawn thick. Candidates
+    that were dropped are not drawn (the trace's table has them all)."""
+    trace = as_trace(trace)
+    if not is_beam_trace(trace):
+        raise MagicEduError(f"trace: plot_beams needs a beam search trace; this one is "
+                            f"{trace.settings.get('decoder')!r}")
+    if not trace.steps:
+        raise MagicEduError("trace: no steps to draw yet")
+    last = _step_index(trace, -1 if step is None else step)
+    shown = Trace(trace.settings, trace.prefix_ids, trace.prefix_tokens, trace.steps[: last + 1])
+    n = max(max(s.next_beam, default=-1) for s in shown.steps) + 1
+    nodes = {}  # (step, candidate) -> (x, y)
+    for t, record in enumerate(shown.steps):
+        finished = 0
+        for i in range(record.k):
+            if record.next_beam[i] >= 0:
+                nodes[(t, i)] = (t + 1, record.next_beam[i])
+            elif np.isfinite(record.hypothesis_score[i]):
+                nodes[(t, i)] = (t + 1, n + finished)
+                finished += 1
+    rows = max((y for _, y in nodes.values()), default=0) + 1
+    fig, ax = _figure(ax, (min(max(7.5, 1.8 + 1.25 * (last + 2)), 18.0), min(1.6 + 0.55 * rows, 12.0)))
+    result = set(output_path(shown))
+    for (t, i), (x, y) in nodes.items():
+        record = shown.steps[t]
+        on_result = (t, i) in result
+        ax.plot([x - 1, x], [record.beam[i], y], color=OKABE_ITO["orange"] if on_result else OKABE_ITO["grey"],
+                linewidth=3.0 if on_result else 1.0, zorder=1)
+        kept = record.next_beam[i] >= 0
+        number = f"{record.score[i]:.2f}" if kept else f"score {record.hypothesis_score[i]:.2f}"
+        ax.text(x, y, f"{_token(record.tokens[i], 10)}\n{number}", ha="center", va="center", fontsize=7, zorder=3,
+                fontweight="bold" if on_result else "normal",
+                bbox={"boxstyle": "round,pad=0.3" if kept else "square,pad=0.3",
+                      "facecolor": "white" if kept else "#DDDDDD",
+                      "edgecolor": "black" if on_result else OKABE_ITO["grey"], "linewidth": 2.0 if on_result else 0.8})
+    prefix = " ".join(_token(t) for t in shown.prefix_tokens)
+    ax.text(0, 0, _shorten(prefix, 14), ha="center", va="center", fontsize=7, zorder=3,
+            bbox={"boxstyle": "round,pad=0.3", "facecolor": "#EEEEEE", "edgecolor": "black"})
+    if n < rows:
+        ax.axhline(n - 0.5, color="black", linestyle=":", linewidth=0.8)
+    ax.plot([], [], color=OKABE_ITO["orange"], linewidth=3.0, label=RESULT_LABEL)
+    ax.plot([], [], linestyle="none", marker="o", markerfacecolor="white", markeredgecolor="black",
+            label="beam that goes on (summed log p)")
+    ax.plot([], [], linestyle="none", marker="s", markerfacecolor="#DDDDDD", markeredgecolor="black",
+            label="finished hypothesis (its score)")
+    ax.set_xlim(-0.6, last + 1.6)
+    ax.set_ylim(rows - 0.5, -0.5)
+    ax.set_xticks(np.arange(last + 2), ["prefix", *(str(t) for t in range(last + 1))], fontsize=8)
+    ax.set_yticks(np.arange(rows), [f"beam {y}" if y < n else "finished" if y == n else "" for y in range(rows)],
+                  fontsize=8)
+    ax.set_xlabel("step")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(f"beam search, step by step  ({_settings_line(trace)})", fontsize=9, loc="left")
+    _legend_below(ax, offset=30, ncols=3)
+    return fig
 
 
 # -- sweeps -----------------------------------------------------------------------------------

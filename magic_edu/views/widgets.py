@@ -2,7 +2,7 @@
 
     >>> models = load_models("toy")
     >>> StepThrough(models)       # Next / Back / Reset / Run, the candidates, force any of them
-    >>> CompareDecoders(models)   # greedy, contrastive, MAGIC and sampling on the same image
+    >>> CompareDecoders(models)   # greedy, beam, contrastive, MAGIC and sampling on the same image
     >>> Sweep(models)             # MAGIC over a grid of alpha, beta (and k)
 
 Each widget is an ``ipywidgets.VBox`` built around :class:`ImagePicker` (toy scenes by seed,
@@ -26,7 +26,7 @@ import ipywidgets as W
 import pandas as pd
 from PIL import Image
 
-from ..decoding import Stepper
+from ..decoding import NO_FORCING_BEAMS, Stepper
 from ..errors import MagicEduError
 from ..photos import list_sample_photos, load_sample_photo, load_user_image
 from ..presets import ModelSet
@@ -134,6 +134,8 @@ def _checked_values(text: str, field: str, param: Param, vocab_size: int | None 
 def _allowed(param: Param, vocab_size: int | None = None) -> str:
     """``param``'s range in words: 'between 0 and 1', 'a number >= 0', 'a number in (0, 1]'."""
     high = vocab_size if param.high == "vocab" else param.high
+    if param.low is None:
+        return "a finite number" if high is None else f"a number <= {high:g}"
     if param.low_open:
         return f"a number in ({param.low:g}, {high:g}]" if high is not None else f"a number > {param.low:g}"
     if high is None:
@@ -343,11 +345,15 @@ class ImagePicker(W.VBox):
 # the candidate table's columns: header -> (width, alignment)
 CELLS = {"rank": ("3em", "right"), "token": ("9em", "left"), "p(v|x)": ("5em", "right"), "penalty": ("5em", "right"),
          "CLIP": ("5em", "right"), "score": ("5.5em", "right"), "": ("6em", "left")}
+SAMPLING_CELLS = {"rank": ("3em", "right"), "token": ("9em", "left"), "p(v|x)": ("5em", "right"),
+                  "filtered p": ("6em", "right"), "": ("6em", "left")}  # filtered p: what the draw uses
+BEAM_CELLS = {"rank": ("3em", "right"), "beam + token": ("11em", "left"), "p(v|beam)": ("5.5em", "right"),
+              "Σ log p": ("5.5em", "right"), "finished": ("5.5em", "right"), "": ("7em", "left")}
 
 
-def _cells(values: Sequence[str], bold: bool = False, background: str = "") -> str:
+def _cells(values: Sequence[str], bold: bool = False, background: str = "", columns: dict | None = None) -> str:
     spans = "".join(f'<span style="display:inline-block;width:{width};text-align:{align};padding-right:6px">{v}</span>'
-                    for (width, align), v in zip(CELLS.values(), values))
+                    for (width, align), v in zip((columns or CELLS).values(), values))
     style = f"font-family:monospace;white-space:pre;{'font-weight:bold;' if bold else ''}"
     style += f"background:{background};" if background else ""
     return f'<div style="{style}">{spans}</div>'
@@ -462,6 +468,8 @@ class StepThrough(W.VBox):
         """Take the shown step's candidate ``index`` (0 = most probable) instead of the decoder's
         choice, and go on from there: as far as the decode had gone (to the end if it had ended)."""
         stepper, record = self._need_stepper(), self.shown_record()
+        if stepper.spec.beams:
+            raise MagicEduError(NO_FORCING_BEAMS)
         if record is None:
             raise MagicEduError("force: take a first step (Next) to see candidates to force")
         if not 0 <= index < record.k:
@@ -563,6 +571,8 @@ class StepThrough(W.VBox):
     def _text_html(self) -> str:
         stepper, trace = self.stepper, self.trace
         prefix = "".join(chip(t, PREFIX) for t in trace.prefix_tokens)
+        if stepper.spec.beams:
+            return self._beams_html(prefix)
         tokens = []
         for i, s in enumerate(trace.steps):
             newest = i == len(trace.steps) - 1
@@ -583,7 +593,34 @@ class StepThrough(W.VBox):
         return (f"<div style='line-height:1.9'>{prefix} {''.join(tokens)}</div>"
                 f"<div><b>Output:</b> “{output}” &nbsp; <span style='color:#555'>{status}</span></div>")
 
+    def _beams_html(self, prefix: str) -> str:
+        """Beam search: the best beam's tokens (the result once the search has stopped), then every
+        beam and every finished hypothesis with its score."""
+        stepper, lm = self.stepper, self.models.lm
+        tokens = "".join(chip(t) for t in lm.token_texts(stepper.token_ids()))
+        if not stepper.step_index:
+            status = "No step yet: press <b>Next</b>."
+        elif stepper.done:
+            status = f"The search stopped after {stepper.step_index} steps; the result is the best finished hypothesis."
+        else:
+            status = f"{stepper.step_index} of at most {stepper.max_new_tokens} steps; shown: the best beam."
+        lines = [f"beam {j}: “{html.escape(lm.output_text(ids))}” &nbsp; Σ log p = {log_p:.3f}"
+                 for j, (ids, log_p) in enumerate(stepper.beams())]
+        lines += [f"finished: “{html.escape(lm.output_text(ids))}” &nbsp; score = {score:.3f}"
+                  for ids, score in stepper.hypotheses()]
+        listed = "".join(f"<li>{line}</li>" for line in lines)
+        output = html.escape(stepper.text()) or "<i>(empty)</i>"
+        return (f"<div style='line-height:1.9'>{prefix} {tokens}</div>"
+                f"<div><b>Output:</b> “{output}” &nbsp; <span style='color:#555'>{status}</span></div>"
+                f"<ul style='margin:2px 0'>{listed}</ul>")
+
     def _render_table(self, record: StepRecord | None) -> None:
+        if self.stepper is not None and self.stepper.spec.beams:
+            self._render_beam_table(record)
+            return
+        samples = self.stepper is not None and self.stepper.spec.samples
+        self.header.value = _cells(list(SAMPLING_CELLS if samples else CELLS), bold=True,
+                                   columns=SAMPLING_CELLS if samples else CELLS)
         k = record.k if record is not None else 0
         while len(self.rows) < k:
             row = CandidateRow(len(self.rows), self.force)
@@ -601,12 +638,45 @@ class StepThrough(W.VBox):
                 continue
             chosen = i == record.chosen
             note = ("▶ forced" if record.forced else "▶ chosen") if chosen else ""
-            row.cells.value = _cells(
-                [f"#{i + 1}", html.escape(analysis.token_label(record.tokens[i])), _fmt(record.lm_prob[i]),
-                 _fmt(record.degeneration_penalty[i]), _fmt(record.clip_score[i]), _fmt(record.score[i]), note],
-                bold=chosen, background="#FBF3B5" if chosen else "")
+            token = html.escape(analysis.token_label(record.tokens[i]))
+            if samples:
+                values = [f"#{i + 1}", token, _fmt(record.lm_prob[i]), _fmt(record.sample_prob[i]), note]
+            else:
+                values = [f"#{i + 1}", token, _fmt(record.lm_prob[i]), _fmt(record.degeneration_penalty[i]),
+                          _fmt(record.clip_score[i]), _fmt(record.score[i]), note]
+            row.cells.value = _cells(values, bold=chosen, background="#FBF3B5" if chosen else "",
+                                     columns=SAMPLING_CELLS if samples else CELLS)
             row.force.disabled = chosen
             row.force.description = "taken" if chosen else "force"
+
+    def _render_beam_table(self, record: StepRecord | None) -> None:
+        """Beam search's candidates: the 2 x num_beams best continuations of all beams, the beam each
+        extends, and what became of it (the next beam j, a finished hypothesis, or dropped). Forcing
+        is not meaningful for beams: the force buttons are off."""
+        self.header.value = _cells(list(BEAM_CELLS), bold=True, columns=BEAM_CELLS)
+        k = record.k if record is not None else 0
+        while len(self.rows) < k:
+            row = CandidateRow(len(self.rows), self.force)
+            self.rows.append(row)
+            self.table.children = self.table.children + (row,)
+        if record is None:
+            self.table_title.value = "<i>Every beam's best continuations appear here, step by step.</i>"
+        else:
+            self.table_title.value = (f"<b>Step {record.step}</b>: the {record.k} best continuations of all beams "
+                                      "(summed log-probabilities, best first), and what became of each. "
+                                      "Beam search advances every beam at once: there is nothing to force.")
+        for i, row in enumerate(self.rows):
+            row.layout.display = None if i < k else "none"
+            if i >= k:
+                continue
+            beam, finished = record.next_beam[i], record.hypothesis_score[i]
+            fate = f"→ beam {beam}" if beam >= 0 else "finished" if not math.isnan(finished) else "dropped"
+            token = f"beam {record.beam[i]} + {html.escape(analysis.token_label(record.tokens[i]))}"
+            row.cells.value = _cells([f"#{i + 1}", token, _fmt(record.lm_prob[i]), _fmt(record.score[i]),
+                                      _fmt(finished), fate], bold=beam == 0,
+                                     background="#FBF3B5" if beam == 0 else "", columns=BEAM_CELLS)
+            row.force.disabled = True
+            row.force.description = "–"
 
     def _render_plot(self, record: StepRecord | None) -> None:
         """Draw the shown step, unless it is already drawn; records drawn before (Back, the step
@@ -619,7 +689,8 @@ class StepThrough(W.VBox):
             return
         cached = self._png_cache.get(id(record))
         if cached is None or cached[0] is not record:
-            cached = (record, figure_png(plots.plot_step(self.trace, record.step)))
+            draw = plots.plot_beams if analysis.is_beam_trace(self.trace) else plots.plot_step
+            cached = (record, figure_png(draw(self.trace, record.step)))
             self._png_cache[id(record)] = cached
             if len(self._png_cache) > PNG_CACHE:
                 self._png_cache.pop(next(iter(self._png_cache)))
@@ -631,7 +702,10 @@ class StepThrough(W.VBox):
         record = self.shown_record()
         decoder = get_decoder(self.decoder.value)
         image = self.picker.image if decoder.needs_image else None
-        fig = Figure(figsize=(11.0, 1.6 + 0.3 * (min(record.k, 20) if record else 4)), layout="constrained")
+        size = (11.0, 1.6 + 0.3 * (min(record.k, 20) if record else 4))
+        if record is not None and analysis.is_beam_trace(self.trace):  # the tree: a column per step
+            size = (min(max(11.0, 4.0 + 0.8 * (record.step + 2)), 24.0), 2.4 + 0.45 * record.k)
+        fig = Figure(figsize=size, layout="constrained")
         left, right = fig.subfigures(1, 2, width_ratios=[1, 3])
         ax_img = left.subplots()
         ax_img.set_axis_off()
@@ -643,11 +717,13 @@ class StepThrough(W.VBox):
                         fontsize=8)
         ax = right.subplots()
         if record is not None:
-            plots.plot_step(self.trace, record.step, ax=ax)
+            draw = plots.plot_beams if analysis.is_beam_trace(self.trace) else plots.plot_step
+            draw(self.trace, record.step, ax=ax)
         else:
             ax.set_axis_off()
             ax.text(0.5, 0.5, "no step taken yet", ha="center", va="center")
-        tokens = [analysis.token_label(s.chosen_token) for s in self.trace.steps]
+        trace = self.trace
+        tokens = [analysis.token_label(trace.steps[t].tokens[i]) for t, i in analysis.output_path(trace)]
         if tokens:
             tokens[-1] = f"[{tokens[-1]}]"
         fig.suptitle("text so far: " + (" ".join(tokens) or "(none)") + "   ([ ] = newest token)", fontsize=9)
@@ -660,10 +736,10 @@ def _fmt(x: float) -> str:
 
 # -- decoders side by side -----------------------------------------------------------------------------
 class CompareDecoders(W.VBox):
-    """Every decoder of the registry that does not sample (greedy, contrastive, MAGIC) and one
-    sampling decoder (chosen) on the same image (and prompt): their outputs, where their paths
+    """Every decoder of the registry that does not sample (greedy, beam, contrastive, MAGIC) and
+    one sampling decoder (chosen) on the same image (and prompt): their outputs, where their paths
     split, and per output its LM log-likelihood, the CLIP score (cosine) of the whole caption
-    and its repeated n-grams.
+    and its repeated n-grams. (Beam search's output is its best finished hypothesis.)
 
     ``divergence`` is the step where the decoders that do not sample stop agreeing (the sampler
     is left out: it is random); ``leaves[name]`` is the step where a decoder leaves greedy's path.
@@ -739,8 +815,9 @@ class CompareDecoders(W.VBox):
         if split is None:
             summary = f"{three} wrote the same tokens."
         else:
-            took = ", ".join(f"{name} took “{html.escape(analysis.token_label(g.trace.steps[split].chosen_token))}”"
-                             if split < len(g.trace.steps) else f"{name} had ended"
+            lm = self.models.lm
+            took = ", ".join(f"{name} took “{html.escape(analysis.token_label(lm.token_text(g.token_ids[split])))}”"
+                             if split < len(g.token_ids) else f"{name} had ended"
                              for name, g in gens.items() if name in compared)
             summary = f"{three} split at step {split}: {took}."
         sampler, leaves = get_decoder(self.sampler.value).label, self.leaves.get(self.sampler.value)
@@ -751,8 +828,8 @@ class CompareDecoders(W.VBox):
         for (name, gen), (_, r) in zip(gens.items(), self.frame.iterrows()):
             mark = split if name == REFERENCE else self.leaves[name]
             note = "split" if name == REFERENCE else f"leaves {REFERENCE}"
-            chips = "".join(chip(s.chosen_token, SPLIT if i == mark else CHIP, note if i == mark else "")
-                            for i, s in enumerate(gen.trace.steps))
+            chips = "".join(chip(token, SPLIT if i == mark else CHIP, note if i == mark else "")
+                            for i, token in enumerate(self.models.lm.token_texts(gen.token_ids)))
             repeats = html.escape(r["repeated"]) or "none"
             rows.append(f"<tr><td><b>{name}</b></td><td>“{html.escape(gen.text)}”<br>{chips}</td>"
                         f"<td>{r['log_likelihood']:.2f}<br><small>{r['log_likelihood_per_token']:.2f} per token</small>"
