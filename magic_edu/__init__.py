@@ -4,6 +4,7 @@ A language model proposes its top-k next tokens; CLIP re-ranks them by how well 
 so far plus each token matches an image. Everything below is importable from here.
 """
 
+from .costs import Cost
 from .decoding import (
     Stepper,
     beam_search,
@@ -26,6 +27,7 @@ from .trace import Generation, StepRecord, Trace
 __version__ = "0.1.0"
 
 __all__ = [
+    "Cost",
     "Generation",
     "ImageTextMatcher",
     "LanguageModel",

@@ -28,6 +28,11 @@ advances them all at every step (its bookkeeping: :mod:`magic_edu.beams`).
 to take another candidate ("what if?"); the decoder functions below just run it to the end.
 Each decoder is described once in :mod:`magic_edu.registry` (name, parameters, ranges).
 
+Every step's record counts the work it did (:mod:`magic_edu.costs`): the LM's and CLIP's
+forwards add to the models' running ``cost``, and the Stepper keeps the difference around the
+step, with its wall time; the work before the first step (the prefix's forward, the images'
+embedding) is the trace's ``setup_cost``.
+
 Memory grows linearly with the length: the keys and values and hidden states of every
 position live in one buffer per row that a step appends to and Back truncates (the state
 after step t is a prefix of the state after step t + 1), and the decoder functions, which
@@ -38,6 +43,7 @@ row j at that step's position, and every beam reads its own path through the row
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -45,6 +51,7 @@ from typing import Any
 import torch
 
 from . import beams
+from .costs import Cost
 from .errors import MagicEduError
 from .filters import filtered_probs, nucleus_filter, temperature, top_k_filter, typical_filter
 from .inputs import ImageLike
@@ -231,6 +238,7 @@ class Stepper:
 
         images: list[Any] = []
         self.scorer: ClipScorer | None = None
+        work_before, started = self._work_done(), time.perf_counter()
         if spec.needs_image:
             if clip is None or image is None:
                 raise MagicEduError(f"{spec.label} needs clip= (an ImageTextMatcher) and image=")
@@ -251,6 +259,23 @@ class Stepper:
         prefix_tokens = [lm.token_text(i) for i in self.prefix]
         self.traces = [Trace(dict(settings), list(self.prefix), prefix_tokens) for _ in range(self.batch_size)]
         self._start()
+        setup_cost = self._cost_since(work_before, started)
+        for trace in self.traces:
+            trace.setup_cost = setup_cost.copy()
+
+    # -- cost ------------------------------------------------------------------------
+    def _work_done(self) -> Cost:
+        """A reading of the models' running costs (LM and CLIP together, a new object)."""
+        return self.lm.cost + (self.clip.cost if self.clip is not None else Cost())
+
+    def _cost_since(self, before: Cost, started: float) -> Cost:
+        """The work done since the reading ``before`` and the wall time since ``started`` (queued GPU
+        work waited for)."""
+        if self.lm.device.type == "cuda":
+            torch.cuda.synchronize(self.lm.device)
+        cost = self._work_done() - before
+        cost.seconds = time.perf_counter() - started
+        return cost
 
     # -- state ----------------------------------------------------------------------
     def _start(self) -> None:
@@ -358,6 +383,7 @@ class Stepper:
             if isinstance(force, bool) or not isinstance(force, int) or not 0 <= force < self.lm.vocab_size:
                 raise MagicEduError(f"force must be a token id (an int from 0 to {self.lm.vocab_size - 1}) among "
                                     f"this step's candidates; got {force!r}")
+        work_before, started = self._work_done(), time.perf_counter()
         probs = torch.softmax(self._logits.double(), dim=-1)  # p(v|x) over the whole vocabulary
         before = _Undo(self._ctx.length, self._logits, list(self._lengths), self._rng_state, self._finished,
                        self._stopped)
@@ -379,7 +405,8 @@ class Stepper:
                     self._lengths[row] = len(self._generated[row])
         if not self.record:
             return None
-        return self._record(result, before.lengths, text_before, force is not None)
+        return self._record(result, before.lengths, text_before, force is not None,
+                            self._cost_since(work_before, started))
 
     def _candidate_step(self, probs: torch.Tensor, force: int | None) -> StepResult:
         """Contrastive / MAGIC search: score the top-k candidates, take the best."""
@@ -478,7 +505,7 @@ class Stepper:
                           [step.scores], [chosen], [[]], [[NAN] * k], [step.parents], [step.next_beam],
                           [step.hypothesis_score])
 
-    def _record(self, result: StepResult, lengths: list[int | None], texts: list[str], forced: bool
+    def _record(self, result: StepResult, lengths: list[int | None], texts: list[str], forced: bool, cost: Cost
                 ) -> StepRecord | None:
         step = self.step_index - 1
         # one device-to-host copy per field, not per row and field
@@ -489,7 +516,7 @@ class Stepper:
                 continue
             values = {name: column[row] for name, column in columns.items()}
             record = StepRecord(step=step, text=texts[row], tokens=self.lm.token_texts(values["token_ids"]),
-                                forced=forced, **values)
+                                forced=forced, cost=cost.copy(), **values)
             trace.steps.append(record)
             if row == 0:
                 first = record

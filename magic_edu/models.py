@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .costs import Cost
 from .errors import MagicEduError
 from .fast.clip_prefix import PrefixMemo, SharedPrefixEncoder
 from .fast.clip_tokens import ClipTokenizer
@@ -39,6 +40,8 @@ class LanguageModel:
       beta, max_new_tokens; :func:`~magic_edu.presets.load_models` sets the preset's);
       ``max_length``: a length budget counting the prompt (the paper's story setting), used
       for ``max_new_tokens`` when neither the caller nor ``defaults`` give it.
+    * ``cost``: the running count of the work done (:mod:`magic_edu.costs`); every forward adds
+      its rows and tokens to it.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class LanguageModel:
         self._keeps_logits = "logits_to_keep" in params
         self._only_itself: dict[tuple, torch.Tensor] = {}  # forward_candidates' masks, by (k, dtype, device)
         self._token_text_cache: dict[int, str] = {}
+        self.cost = Cost()  # running: forwards add to it, a Stepper reads it around each step
 
     def _token_id(self, token: str, name: str) -> int:
         ids = self.tokenizer.convert_tokens_to_ids([token])
@@ -246,6 +250,8 @@ class LanguageModel:
         if not logits and self._keeps_logits:  # no LM head over the whole vocabulary for every position
             kwargs["logits_to_keep"] = torch.zeros(0, dtype=torch.long, device=input_ids.device)
         out = self.model(input_ids=input_ids, **kwargs)
+        self.cost.lm_forwards += int(input_ids.shape[0])  # every row is one sequence through the LM
+        self.cost.lm_tokens += int(input_ids.numel())
         new_cache = getattr(out, "cache", None) if self._cache_kwarg == "cache" else out.past_key_values
         return (out.logits if logits else None), out.hidden_states[-1], [(key, value) for key, value, *_ in new_cache]
 
@@ -269,7 +275,8 @@ class ImageTextMatcher:
     ``text_scores(e, texts) = softmax_i(logit_scale * cos(e, CLIP_text(texts[i])))``.
     Texts are encoded only up to the longest one's token length instead of open_clip's
     fixed 77: exact, because CLIP's text tower is causal and pools the end-of-text token,
-    and several times cheaper.
+    and several times cheaper. ``cost`` is the running count of the work done
+    (:mod:`magic_edu.costs`): texts and the token positions the text tower ran, images.
     """
 
     def __init__(self, model: torch.nn.Module, preprocess: Any, tokenizer: Any, name: str | None = None) -> None:
@@ -284,6 +291,7 @@ class ImageTextMatcher:
         self.remember_prefixes = True  # and reuse a prefix's keys and values across calls (MAGIC steps)
         self.text_encoder = SharedPrefixEncoder(model)  # magic_edu.fast.clip_prefix
         self._clip_tokenizer = ClipTokenizer(tokenizer)
+        self.cost = Cost()
 
     @property
     def prefix_memo(self) -> PrefixMemo:
@@ -317,6 +325,7 @@ class ImageTextMatcher:
         pixels = torch.stack([self.preprocess(load_image(im)) for im in images]).to(self.device)
         dtype = next(self.model.parameters()).dtype
         emb = F.normalize(self.model.encode_image(pixels.to(dtype)).float(), dim=-1)
+        self.cost.clip_images += len(images)
         return emb[0] if single else emb
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -350,9 +359,11 @@ class ImageTextMatcher:
         ids = self._token_ids([t for g in groups for t in g]).view(len(groups), n, -1)
         if self.text_encoder.tower is None:  # a text tower of another kind: open_clip's own encoder
             emb = self.model.encode_text(ids.flatten(0, 1).to(self.device))
+            self.cost.clip_text_tokens += int(ids.numel())
         else:
             remember = self.remember_prefixes if remember is None else remember
-            emb = self.text_encoder.encode(ids, self.device, self.share_prefix, remember)
+            emb = self.text_encoder.encode(ids, self.device, self.share_prefix, remember, self.cost)
+        self.cost.clip_texts += len(groups) * n
         return F.normalize(emb.float() if emb.dtype != torch.float64 else emb, dim=-1).view(len(groups), n, -1)
 
     def text_cosines(self, image_embedding: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:

@@ -5,13 +5,16 @@ A :class:`Trace` is a list of :class:`StepRecord` plus the settings it was made 
 
     step, rank, token, token_id, lm_prob, degeneration_penalty, penalty_position,
     clip_text, clip_cosine, clip_score, score, sample_prob, beam, next_beam,
-    hypothesis_score, chosen, forced
+    hypothesis_score, chosen, forced, lm_forwards, lm_tokens, lm_backwards, clip_texts,
+    clip_text_tokens, clip_images, seconds
 
 where score = (1 - alpha) * lm_prob - alpha * degeneration_penalty + beta * clip_score
 for contrastive and MAGIC search; for greedy and sampling, score = lm_prob, and sampling adds
 sample_prob, the probability of being drawn (the filtered distribution); for beam search,
 score is the cumulative log-probability of the beam plus the candidate, and beam, next_beam
 and hypothesis_score say where each candidate came from and went (see :class:`StepRecord`).
+The last seven columns are the step's cost (:mod:`magic_edu.costs`), the same on every row of
+a step.
 """
 
 from __future__ import annotations
@@ -28,9 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .costs import COUNTS, Cost
 from .errors import MagicEduError
 
-FORMAT_VERSION = 2  # 2: the sampling and beam columns (version 1 files load, without them)
+# 2: the sampling and beam columns (version 1 files load, without them);
+# 3: each step's cost and the trace's setup cost (older files load them as unknown: -1 / NaN)
+FORMAT_VERSION = 3
 
 
 @dataclass
@@ -56,6 +62,11 @@ class StepRecord:
     where no beam goes on, candidate 0).
 
     The four sampling and beam columns are empty in version 1 files (read as NaN / -1).
+
+    ``cost``: the work the step did (:mod:`magic_edu.costs`): LM forwards and tokens, backward
+    passes, CLIP texts and their tokens, CLIP images, and the step's wall time. It is the whole
+    step's, all rows of a batch together (every row's record holds the same cost); unknown
+    (-1 / NaN) in files older than version 3.
     """
 
     step: int
@@ -76,6 +87,7 @@ class StepRecord:
     beam: list[int] = field(default_factory=list)
     next_beam: list[int] = field(default_factory=list)
     hypothesis_score: list[float] = field(default_factory=list)
+    cost: Cost = field(default_factory=Cost.unknown)
 
     @property
     def k(self) -> int:
@@ -92,12 +104,18 @@ class StepRecord:
 
 @dataclass
 class Trace:
-    """The settings of a decode and one :class:`StepRecord` per generated token."""
+    """The settings of a decode and one :class:`StepRecord` per generated token.
+
+    ``setup_cost``: the work done before the first step (the prefix's LM forward, the images'
+    CLIP embedding), shared by all rows of a batch; the steps' costs leave it out, so a step
+    costs the same whichever step it is. Unknown (-1 / NaN) in files older than version 3.
+    """
 
     settings: dict[str, Any]
     prefix_ids: list[int]
     prefix_tokens: list[str]
     steps: list[StepRecord] = field(default_factory=list)
+    setup_cost: Cost = field(default_factory=Cost.unknown)
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -113,6 +131,7 @@ class Trace:
         rows = []
         for s in self.steps:
             optional = {name: getattr(s, name) or [fill] * s.k for name, fill in OPTIONAL_COLUMNS.items()}
+            cost = s.cost.to_dict()
             for i in range(s.k):
                 rows.append(
                     {
@@ -130,10 +149,12 @@ class Trace:
                         **{name: column[i] for name, column in optional.items()},
                         "chosen": i == s.chosen,
                         "forced": s.forced and i == s.chosen,
+                        **cost,
                     }
                 )
         columns = ["step", "rank", "token", "token_id", "lm_prob", "degeneration_penalty", "penalty_position",
-                   "clip_text", "clip_cosine", "clip_score", "score", *OPTIONAL_COLUMNS, "chosen", "forced"]
+                   "clip_text", "clip_cosine", "clip_score", "score", *OPTIONAL_COLUMNS, "chosen", "forced",
+                   *COUNTS, "seconds"]
         return pd.DataFrame(rows, columns=columns)
 
     def chosen_frame(self) -> pd.DataFrame:
@@ -149,6 +170,7 @@ class Trace:
             "settings": self.settings,
             "prefix_ids": self.prefix_ids,
             "prefix_tokens": self.prefix_tokens,
+            "setup_cost": self.setup_cost.to_dict(),
             "steps": [asdict(s) for s in self.steps],
         }
 
@@ -189,7 +211,8 @@ class Trace:
         steps = data["steps"]
         if not isinstance(steps, list):
             raise MagicEduError(f"'steps' must be a list; got {type(steps).__name__}")
-        return cls(settings, prefix_ids, prefix_tokens, [_step_record(s, i) for i, s in enumerate(steps)])
+        setup_cost = Cost.from_dict(data["setup_cost"], "'setup_cost'") if "setup_cost" in data else Cost.unknown()
+        return cls(settings, prefix_ids, prefix_tokens, [_step_record(s, i) for i, s in enumerate(steps)], setup_cost)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the trace as JSON, atomically (a temporary file renamed into place); NaN is
@@ -292,6 +315,7 @@ def _step_record(data: Any, i: int) -> StepRecord:
         raise MagicEduError(f"{where}: 'forced' must be true or false; got {forced!r}")
     values["forced"] = forced
     values["chosen_similarity"] = _float_list(data.get("chosen_similarity", []), f"{where}: 'chosen_similarity'")
+    values["cost"] = Cost.from_dict(data["cost"], f"{where}: 'cost'") if "cost" in data else Cost.unknown()
     return StepRecord(**values)
 
 

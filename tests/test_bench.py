@@ -6,7 +6,15 @@ import torch
 
 from magic_edu.reference import magic_reference
 from magic_edu.tools import bench
-from magic_edu.tools.bench import authors_style_magic, bench_models, format_table, step_latency, summary
+from magic_edu.tools.bench import (
+    authors_style_magic,
+    bench_models,
+    format_table,
+    format_work,
+    step_latency,
+    summary,
+    work_per_step,
+)
 
 from conftest import make_image
 
@@ -29,6 +37,25 @@ def test_bench_models_reports_every_decoder(tiny_lm, tiny_clip):
     lines = summary(timings)
     assert any("MAGIC / contrastive" in line for line in lines) and any("batch 2" in line for line in lines)
     assert step_latency(tiny_lm, tiny_clip, 4, 0.1, 1.0, steps=2) > 0
+
+
+def test_work_per_step_is_what_each_decoder_must_do(tiny_lm, tiny_clip):
+    """Per step: greedy and sampling one forward of one token, beam search one per beam (the last
+    step ends the search and runs none), contrastive and MAGIC one forward of k tokens, MAGIC k CLIP
+    texts; before the first step the prefix's forward, and MAGIC's image."""
+    tokens, k, beams = 4, 5, 3
+    works = {w.label.split(" (")[0]: w for w in work_per_step(tiny_lm, tiny_clip, tokens, k=k, num_beams=beams)}
+    prefix = len(tiny_lm.prefix_ids(None))
+    for label in ("greedy", "top-k sampling", "nucleus sampling", "typical sampling"):
+        assert (works[label].total.lm_forwards, works[label].total.lm_tokens) == (tokens, tokens)
+    assert works["beam search"].total.lm_forwards == beams * (tokens - 1)
+    for label in ("contrastive", "MAGIC"):
+        assert (works[label].total.lm_forwards, works[label].total.lm_tokens) == (tokens, k * tokens)
+    assert works["MAGIC"].per_step("clip_texts") == k and works["contrastive"].total.clip_texts == 0
+    assert all(w.total.lm_backwards == 0 and w.setup.lm_tokens == prefix and w.steps == tokens for w in works.values())
+    assert works["MAGIC"].setup.clip_images == 1 and works["greedy"].setup.clip_images == 0
+    table = format_work(list(works.values()))
+    assert table.count("\n") == len(works) + 1 and "| MAGIC (k=5) | 1.0 | 5.0 | 0.0 | 5.0 |" in table
 
 
 def test_authors_style_loop_takes_the_reference_tokens(tiny_lm64, tiny_clip64):

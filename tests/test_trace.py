@@ -99,6 +99,9 @@ def broken_variants() -> list[tuple[str, object, str]]:
         ("uneven optional column", changed(lambda d: d["steps"][0].update(next_beam=[0, 1])),
          "'next_beam' has 2 entries"),
         ("beam not an int", changed(lambda d: d["steps"][0].update(beam=[0, 1.5, 2])), "'beam' must be a list of int"),
+        ("negative count", changed(lambda d: d["setup_cost"].update(clip_images=-2)),
+         "'setup_cost': 'clip_images' must be an integer >= 0"),
+        ("cost not an object", changed(lambda d: d["steps"][1].update(cost=3)), "steps[1]: 'cost' must be an object"),
         ("settings not an object", changed(lambda d: d.update(settings=[1])), "'settings' must be an object"),
         ("prefix ids not ints", changed(lambda d: d.update(prefix_ids="12")), "'prefix_ids' must be"),
         ("newer version", changed(lambda d: d.update(version=FORMAT_VERSION + 1)), "newer magic_edu"),
@@ -147,7 +150,8 @@ def test_the_sampling_and_beam_columns_round_trip(tmp_path):
     for name in ("sample_prob", "hypothesis_score"):
         assert same_floats(getattr(loaded.steps[1], name), getattr(trace.steps[1], name))
     frame = loaded.to_frame()
-    assert list(frame.columns[-6:]) == ["sample_prob", "beam", "next_beam", "hypothesis_score", "chosen", "forced"]
+    assert list(frame.columns[-13:-7]) == ["sample_prob", "beam", "next_beam", "hypothesis_score", "chosen",
+                                           "forced"]
     assert list(frame["next_beam"]) == [0, -1, 1] * 2 and frame["hypothesis_score"].isna().sum() == 4
     assert loaded.to_frame().equals(trace.to_frame())
 
@@ -157,8 +161,9 @@ def test_a_version_1_file_loads_without_the_sampling_and_beam_columns(tmp_path):
     as for a decoder that does not compute them. Records made without them (empty) read the same."""
     data = make_trace().to_dict()
     data["version"] = 1
+    del data["setup_cost"]
     for step in data["steps"]:
-        for name in ("sample_prob", "beam", "next_beam", "hypothesis_score"):
+        for name in ("sample_prob", "beam", "next_beam", "hypothesis_score", "cost"):
             del step[name]
     path = tmp_path / "v1.json"
     path.write_text(json.dumps(data, allow_nan=True))
@@ -166,7 +171,7 @@ def test_a_version_1_file_loads_without_the_sampling_and_beam_columns(tmp_path):
     assert loaded.steps[0].beam == [-1] * 3 and loaded.steps[0].next_beam == [-1] * 3
     assert all(math.isnan(x) for x in loaded.steps[0].sample_prob + loaded.steps[0].hypothesis_score)
     assert loaded.to_frame().equals(make_trace().to_frame())
-    assert FORMAT_VERSION == 2 and make_trace().to_dict()["version"] == 2
+    assert FORMAT_VERSION == 3 and make_trace().to_dict()["version"] == 3
 
 
 def test_a_missing_file_is_an_error():

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..costs import Cost
+
 # On a GPU, encode the candidates' shared CLIP prefix once only when that saves at least this many
 # token positions of text-tower work (below it the extra kernel launches cost more). Checked on an
 # H200 with scripts/gpu_profile.py (ms per caption, always share / this rule / never share):
@@ -246,9 +248,10 @@ class SharedPrefixEncoder:
         self.blocks = plain_blocks(self.tower) if self.tower is not None else None
         self.memo = PrefixMemo()
 
-    def encode(self, ids: torch.Tensor, device: torch.device, share: bool = True, remember: bool = True
-               ) -> torch.Tensor:
-        """Embeddings (G * n, d), not normalised, of token ids (G, n, L) on the CPU.
+    def encode(self, ids: torch.Tensor, device: torch.device, share: bool = True, remember: bool = True,
+               cost: Cost | None = None) -> torch.Tensor:
+        """Embeddings (G * n, d), not normalised, of token ids (G, n, L) on the CPU; adds the token
+        positions the text tower runs to ``cost.clip_text_tokens``.
 
         The packing is planned on the CPU (no device round trip); sharing the prefix saves
         arithmetic (what bounds a CPU, and a GPU on large batches) but adds kernel launches (what
@@ -265,6 +268,8 @@ class SharedPrefixEncoder:
             packed = pack_rows(ids, memo)
             if gpu and full - packed.positions < SHARE_ON_GPU_SAVED_TOKENS:
                 packed = None
+        if cost is not None:
+            cost.clip_text_tokens += full if packed is None else packed.positions
         if packed is None:
             return encode_text_trimmed(self.tower, ids.view(g * n, length).to(device))
         return encode_packed(self.tower, self.blocks, packed.to(device), memo)

@@ -3,8 +3,10 @@
 For every decoder: milliseconds per token and per caption; for MAGIC the share of time
 inside the LM and CLIP forwards, the cost of recording the trace, the gain of encoding the
 candidates' shared CLIP prefix once, the extra cost over contrastive search, batch
-throughput, and one interactive step's latency. Models: the toy world, and GPT-2-small +
-CLIP ViT-B/32 architectures with random weights (speed does not depend on the weights).
+throughput, and one interactive step's latency; and every decoder's work per step (LM and
+CLIP forwards and tokens, from the steps' cost counters: :mod:`magic_edu.costs`). Models: the
+toy world, and GPT-2-small + CLIP ViT-B/32 architectures with random weights (speed does not
+depend on the weights).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..costs import Cost
 from ..decoding import Stepper
 from ..errors import MagicEduError
 from ..models import ImageTextMatcher, LanguageModel
@@ -267,6 +270,55 @@ def step_latency(lm: LanguageModel, clip: ImageTextMatcher, k: int, alpha: float
     return 1000 * sorted(times)[len(times) // 2]
 
 
+# -- work per step -------------------------------------------------------------------------------
+@dataclass
+class Work:
+    """A decode's work, from its trace's cost counters: ``total`` over its ``steps`` steps (all rows of
+    the batch together), and ``setup``, the work before the first step."""
+
+    label: str
+    steps: int
+    total: Cost
+    setup: Cost
+
+    def per_step(self, name: str) -> float:
+        """The mean of one of :class:`~magic_edu.costs.Cost`'s fields over the steps."""
+        return getattr(self.total, name) / max(1, self.steps)
+
+
+def work_per_step(lm: LanguageModel, clip: ImageTextMatcher, tokens: int, k: int = 45, alpha: float = 0.1,
+                  beta: float = 2.0, num_beams: int = 4) -> list[Work]:
+    """Every decoder's work on one caption of ``tokens`` tokens (no stop at EOS), as the steps' cost
+    counters record it; MAGIC as the decoder functions run it (CLIP prefixes reused across steps)."""
+    image = Image.new("RGB", (224, 224), (70, 80, 210))
+    runs: list[tuple[str, str, dict[str, Any]]] = [
+        ("greedy", "greedy", {}), ("top-k sampling (k=40)", "top_k", dict(k=40, seed=0)),
+        ("nucleus sampling (p=0.95)", "nucleus", dict(p=0.95, seed=0)),
+        ("typical sampling (mass=0.95)", "typical", dict(mass=0.95, seed=0)),
+        (f"beam search ({num_beams} beams)", "beam", dict(num_beams=num_beams)),
+        (f"contrastive (k={k})", "contrastive", dict(k=k, alpha=alpha)),
+        (f"MAGIC (k={k})", "magic", dict(k=k, alpha=alpha, beta=beta, clip=clip, image=image)),
+    ]
+    out = []
+    for label, decoder, params in runs:
+        trace = Stepper(lm, decoder, max_new_tokens=tokens, stop_at_eos=False, history=False, **params).run()[0].trace
+        out.append(Work(label, len(trace), sum((r.cost for r in trace), Cost()), trace.setup_cost))
+    return out
+
+
+def format_work(works: list[Work]) -> str:
+    """A table of the work per step (means over the steps) and before the first step."""
+    lines = ["| decoder | LM forwards / step | LM tokens / step | backward passes / step | CLIP texts / step "
+             "| CLIP text tokens / step | ms / step | before step 1: LM tokens, CLIP images |",
+             "|---|---|---|---|---|---|---|---|"]
+    for w in works:
+        lines.append(f"| {w.label} | {w.per_step('lm_forwards'):.1f} | {w.per_step('lm_tokens'):.1f} "
+                     f"| {w.per_step('lm_backwards'):.1f} | {w.per_step('clip_texts'):.1f} "
+                     f"| {w.per_step('clip_text_tokens'):.1f} | {1000 * w.per_step('seconds'):.1f} "
+                     f"| {w.setup.lm_tokens}, {w.setup.clip_images} |")
+    return "\n".join(lines)
+
+
 # -- memory ------------------------------------------------------------------------------------
 def _rss_peak_kib() -> tuple[int, int]:
     """(resident, peak resident) KiB of this process (Linux /proc)."""
@@ -434,6 +486,9 @@ def run_benchmarks(which: str = "all", device: str | None = None, repeats: int =
         print_fn(format_table(timings))
         for line in summary(timings):
             print_fn("  " + line)
+        print_fn("work per step (cost counters, one caption):")
+        print_fn(format_work(work_per_step(models.lm, models.clip, d["max_new_tokens"], d["k"], d["alpha"],
+                                           d["beta"])))
         print_fn(f"  StepThrough step (Stepper.step + trace record): "
                  f"{step_latency(models.lm, models.clip, d['k'], d['alpha'], d['beta']):.1f} ms")
         try:
@@ -454,6 +509,8 @@ def run_benchmarks(which: str = "all", device: str | None = None, repeats: int =
         print_fn(format_table(timings))
         for line in summary(timings):
             print_fn("  " + line)
+        print_fn("work per step (cost counters, one caption):")
+        print_fn(format_work(work_per_step(lm, clip, tokens)))
         if memory:
             for history in (False, True):
                 figures = [(n, *decode_memory(n, history, device=device)) for n in (100, 300)]
