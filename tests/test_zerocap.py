@@ -1,0 +1,238 @@
+"""ZeroCap (magic_edu.zerocap) against slow, written-out versions: one step for one beam with plain
+loops and autograd, beam search over the fused distribution when nothing is steered, greedy
+search when nothing is fused; the weights stay frozen, the cost counts the backward passes,
+bad settings are refused, and the toy world gets a caption."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import magic_edu
+from magic_edu import MagicEduError, greedy_search
+from magic_edu.zerocap import PARAMS, ZeroCapSettings, select_beams, zerocap_search, zerocap_step
+
+from conftest import make_image
+
+PROMPT = "a red circle"
+
+
+def _special(logits: torch.Tensor, row: list[int], step: int, end: int, s: ZeroCapSettings, forbidden: list[int]
+             ) -> torch.Tensor:
+    """ZeroCLIP.py's update_special_tokens_logits for one row, as written there."""
+    logits = logits.clone()
+    for token in set(row[-4:]):
+        factor = s.repetition_penalty if logits[token] > 0 else 1 / s.repetition_penalty
+        logits[token] = logits[token] / factor
+    if step >= 1:
+        factor = s.end_factor if logits[end] > 0 else 1 / s.end_factor
+        logits[end] = logits[end] * factor
+    if step == 0:
+        factor = 1.6 if logits[end] > 0 else 1 / 1.6
+        logits[end] = logits[end] / factor
+    for token in forbidden:
+        factor = s.forbidden_factor if logits[token] > 0 else 1 / s.forbidden_factor
+        logits[token] = logits[token] / factor
+    return logits
+
+
+def _forward_last(lm, row: list[int], context: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Logits (float64) of the last id read on ``context`` (one [keys, values] per layer)."""
+    cache = DynamicCache([(k, v) for k, v in context])
+    return lm.model(torch.tensor([row[-1:]]), **{lm._cache_kwarg: cache}).logits[0, -1].double()
+
+
+def reference_step(lm, clip, image_embedding, row: list[int], step: int, s: ZeroCapSettings, end: int,
+                   forbidden: list[int]) -> torch.Tensor:
+    """q of one ZeroCap step for one beam: no batching, no cache tricks, a loop per layer."""
+    ids = torch.tensor([row])
+    with torch.no_grad():
+        p0 = torch.softmax(lm.model(ids).logits[0, -1].double(), dim=-1)  # a forward without cache
+        past = lm.model(ids[:, :-1], use_cache=True).past_key_values
+    context = [[key, value] for key, value, *_ in past]
+    delta = [[torch.zeros_like(key), torch.zeros_like(value)] for key, value in context]
+    prefix_text = lm.decode(row).replace(lm.sos_token, "")
+    vocab = p0.shape[0]
+    n = min(s.candidates, vocab)
+    for _ in range(s.num_iterations):
+        leaves = [[d.clone().requires_grad_(True) for d in layer] for layer in delta]
+        shifted = [[c + d for c, d in zip(cl, dl)] for cl, dl in zip(context, leaves)]
+        p = torch.softmax(_forward_last(lm, row, shifted), dim=-1)
+        # CLIP's target: the n most probable tokens, one text at a time
+        order = sorted(range(vocab), key=lambda v: -p[v].item())[:n]
+        cosines = []
+        with torch.no_grad():
+            for v in order:
+                text = (prefix_text + lm.decode([v])).split(lm.eos_token)[0]
+                emb = clip.model.encode_text(clip.tokenizer([text]))[0].double()
+                cosines.append(float(emb @ image_embedding.double() / emb.norm()))
+        weights = [math.exp(c / s.clip_temperature) for c in cosines]
+        target = torch.zeros(vocab, dtype=torch.float64)
+        for v, w in zip(order, weights):
+            target[v] = w / sum(weights)
+        clip_loss = -(target * p.log()).sum()
+        kl = (p * p.log() - p * p0.log()).sum()
+        loss = s.clip_scale * clip_loss + s.ce_scale * kl
+        flat = [d for layer in leaves for d in layer]
+        grads = torch.autograd.grad(loss, flat)
+        for i, layer in enumerate(leaves):
+            for j in range(2):
+                g = grads[2 * i + j]
+                delta[i][j] = layer[j].detach() - s.stepsize * g / (g.norm() + 1e-15) ** s.grad_norm_factor
+    with torch.no_grad():
+        shifted = [[c + d for c, d in zip(cl, dl)] for cl, dl in zip(context, delta)]
+        logits = _special(_forward_last(lm, row, shifted), row, step, end, s, forbidden)
+    p_shift = torch.softmax(logits, dim=-1)
+    q = p_shift**s.fusion_factor * p0 ** (1 - s.fusion_factor)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("step, candidates", [(0, 10_000), (2, 7)])
+def test_a_step_matches_the_written_out_step(tiny_lm64, tiny_clip64, step, candidates):
+    lm, clip = tiny_lm64, tiny_clip64
+    s = ZeroCapSettings(num_iterations=3, candidates=candidates, end_factor=1.3, repetition_penalty=1.4,
+                        fusion_factor=0.8, stepsize=0.5)
+    prefix = lm.prefix_ids(PROMPT)
+    generated = [[], []] if step == 0 else [[40, 41], [52, 40]]
+    rows = [prefix + g for g in generated][: 1 if step == 0 else 2]
+    image = clip.embed_image(make_image(3))
+    end, forbidden = lm.eos_token_id, [5, 17]
+    fast = zerocap_step(lm, clip, image, rows, step, s, end, forbidden)
+    assert len(fast.log_p_steered) == 4 and len(fast.targets) == 3
+    for b, row in enumerate(rows):
+        want = reference_step(lm, clip, image, row, step, s, end, forbidden)
+        torch.testing.assert_close(fast.log_q[b].exp(), want, rtol=1e-9, atol=1e-12)
+    # steering moved the distribution away from p0
+    assert (fast.log_p_steered[-1] - fast.log_p0).abs().max() > 1e-3
+
+
+def test_weights_stay_frozen_and_the_cost_counts_backward_passes(tiny_lm, tiny_clip):
+    lm, clip = tiny_lm, tiny_clip
+    assert all(p.requires_grad for p in lm.model.parameters())  # nothing froze them for us
+    s = ZeroCapSettings(num_iterations=2, candidates=6)
+    rows = [lm.prefix_ids(PROMPT) + [40], lm.prefix_ids(PROMPT) + [41]]
+    before_lm, before_clip = lm.cost.copy(), clip.cost.copy()
+    zerocap_step(lm, clip, clip.embed_image(make_image(0)), rows, 1, s, lm.eos_token_id)
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert all(p.grad is None for p in clip.model.parameters())
+    lm_cost, clip_cost = lm.cost - before_lm, clip.cost - before_clip
+    # per row: the context, p0, 2 steered iterations, the final steered forward
+    assert lm_cost.lm_forwards == 2 * (1 + 1 + 2 + 1) and lm_cost.lm_backwards == 2 * 2
+    assert clip_cost.clip_texts == 2 * 2 * 6
+
+
+def reference_beam_search(lm, prefix: list[int], s: ZeroCapSettings, end: int, max_new_tokens: int) -> list[int]:
+    """ZeroCLIP's beam search when nothing is steered: q = softmax(special(l)) ** f * softmax(l) ** (1 - f)
+    normalised, l the LM's logits; beams ranked by summed log q / length; a finished beam stays."""
+
+    def log_q(ids: list[int], step: int) -> list[float]:
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([ids])).logits[0, -1].double()
+        q = torch.softmax(_special(logits, ids, step, end, s, []), -1) ** s.fusion_factor * \
+            torch.softmax(logits, -1) ** (1 - s.fusion_factor)
+        return (q / q.sum()).log().tolist()
+
+    first = log_q(prefix, 0)
+    order = sorted(range(len(first)), key=lambda v: -first[v])[: s.num_beams]
+    beams = [([v], first[v], 1, v == end) for v in order]  # (ids, summed log q, length, finished)
+    for step in range(1, max_new_tokens):
+        if all(b[3] for b in beams):
+            break
+        candidates = []
+        for ids, score, length, finished in beams:
+            if finished:
+                candidates.append((ids, score, length, True))
+                continue
+            for v, lq in enumerate(log_q(prefix + ids, step)):
+                candidates.append((ids + [v], score + lq, length + 1, v == end))
+        beams = sorted(candidates, key=lambda b: -b[1] / b[2])[: s.num_beams]
+    return max(beams, key=lambda b: b[1] / b[2])[0]
+
+
+@pytest.mark.parametrize("num_beams, fusion_factor, end_factor", [(1, 0.99, 1.5), (3, 0.7, 3.0)])
+def test_without_steering_it_is_beam_search_over_the_fused_distribution(tiny_lm64, tiny_clip64, num_beams,
+                                                                         fusion_factor, end_factor):
+    lm, clip = tiny_lm64, tiny_clip64
+    clip_before = clip.cost.copy()
+    out = zerocap_search(lm, clip, make_image(1), prompt=PROMPT, num_iterations=0, num_beams=num_beams,
+                         fusion_factor=fusion_factor, end_factor=end_factor, max_new_tokens=6)
+    s = ZeroCapSettings(num_iterations=0, num_beams=num_beams, fusion_factor=fusion_factor, end_factor=end_factor)
+    assert out.token_ids == reference_beam_search(lm, lm.prefix_ids(PROMPT), s, lm.eos_token_id, 6)
+    assert (clip.cost - clip_before).clip_texts == 0  # CLIP only embedded the image
+    assert sum(r.cost.lm_backwards for r in out.steps) == 0
+    if num_beams > 1:  # a finished beam went on next to live ones
+        assert any(len({b.finished for b in r.beams}) == 2 for r in out.steps)
+
+
+def test_beam_bookkeeping_on_a_hand_made_distribution():
+    """Three tokens, the end token 2. Step 0: the two best of log q = (-1, -2, -0.5) are 2 (ends) and 0.
+    Step 1: only beam [0] is live; its candidates score (-1 + log q) / 2 with log q = (-3, -0.2, -4):
+    [0, 1] scores -0.6; the finished [2] keeps -0.5 / 1 = -0.5 and stays first."""
+    first = select_beams([], torch.tensor([[-1.0, -2.0, -0.5]]), 2, end_token=2)
+    assert [(b.ids, b.score, b.length, b.finished) for b in first] == [([2], -0.5, 1, True), ([0], -1.0, 1, False)]
+    second = select_beams(first, torch.tensor([[-3.0, -0.2, -4.0]]), 2, end_token=2)
+    assert [(b.ids, b.length, b.finished) for b in second] == [([2], 1, True), ([0, 1], 2, False)]
+    assert second[1].score == pytest.approx(-1.2)
+
+
+def test_a_prefix_of_one_id_is_not_steered_at_the_first_step(tiny_lm, tiny_clip):
+    out = zerocap_search(tiny_lm, tiny_clip, make_image(0), prompt=None, num_iterations=2, candidates=3,
+                         max_new_tokens=3, end_factor=0.01)
+    assert tiny_lm.prefix_ids(None) == [tiny_lm.sos_token_id]
+    assert [r.cost.lm_backwards for r in out.steps] == [0, 2, 2]
+    assert out.steps[0].clip_target == [[]] and len(out.steps[1].clip_target[0]) == 2
+
+
+def test_without_fusion_it_is_greedy_search(tiny_lm, tiny_clip):
+    """fusion_factor 0: q = p0 whatever the steering, and one beam takes argmax q."""
+    out = zerocap_search(tiny_lm, tiny_clip, make_image(2), prompt=PROMPT, num_iterations=1, candidates=5,
+                         fusion_factor=0.0, max_new_tokens=8)
+    assert out.token_ids == greedy_search(tiny_lm, prompt=PROMPT, max_new_tokens=8).token_ids
+    assert all(r.cost.lm_backwards == 1 for r in out.steps)
+
+
+@pytest.mark.parametrize("name, bad", [
+    ("num_iterations", -1), ("num_iterations", 1.5), ("stepsize", -0.1), ("grad_norm_factor", -1.0),
+    ("ce_scale", -1.0), ("clip_scale", float("nan")), ("clip_temperature", 0.0), ("fusion_factor", 1.01),
+    ("end_factor", 0.0), ("forbidden_factor", -2.0), ("repetition_penalty", 0.0), ("candidates", 0),
+    ("num_beams", 0), ("num_beams", 10**6), ("max_new_tokens", 0),
+])
+def test_bad_settings_name_the_argument(tiny_lm, tiny_clip, name, bad):
+    with pytest.raises(MagicEduError, match=f"^{name} must be "):
+        zerocap_search(tiny_lm, tiny_clip, make_image(0), **{name: bad})
+
+
+def test_bad_tokens_name_the_argument(tiny_lm, tiny_clip):
+    top = tiny_lm.vocab_size - 1
+    with pytest.raises(MagicEduError, match=f"^end_token must be an integer between 0 and {top}"):
+        zerocap_search(tiny_lm, tiny_clip, make_image(0), end_token=top + 1)
+    with pytest.raises(MagicEduError, match=f"^forbidden_tokens must be an integer between 0 and {top}"):
+        zerocap_search(tiny_lm, tiny_clip, make_image(0), forbidden_tokens=[3, -1])
+    with pytest.raises(MagicEduError, match="^image: ZeroCap captions one image at a time"):
+        zerocap_search(tiny_lm, tiny_clip, [make_image(0), make_image(1)])
+
+
+def test_every_parameter_has_its_setting():
+    assert [p.name for p in PARAMS] == list(ZeroCapSettings.__dataclass_fields__)
+    assert all(getattr(ZeroCapSettings(), p.name) == p.default for p in PARAMS)
+
+
+def test_the_toy_world_gets_a_caption():
+    from magic_edu.toyworld import report
+
+    models = magic_edu.load_models("toy")
+    image = report.held_out_scenes(1, multi=False)[0].image
+    started = time.perf_counter()
+    out = zerocap_search(models.lm, models.clip, image)
+    seconds = time.perf_counter() - started
+    assert isinstance(out.text, str) and out.text and out.token_ids
+    assert seconds < 120
+    assert all(p.grad is None for p in models.lm.model.parameters())
+    record = out.steps[1]
+    assert len(record.p_steered[0]) == 6 and len(record.clip_target[0]) == 5  # 5 iterations + the final p
+    assert abs(sum(out.steps[0].q[0]) - 1) < 1 and record.cost.lm_backwards == 5
+    assert out.beams[0].ids == out.token_ids
