@@ -14,6 +14,7 @@ from .decoding import (
     nucleus_sampling,
     top_k_sampling,
     typical_sampling,
+    zerocap_search,
 )
 from .errors import MagicEduError
 from .filters import filtered_probs, nucleus_filter, temperature, top_k_filter, typical_filter
@@ -57,4 +58,5 @@ __all__ = [
     "top_k_sampling",
     "typical_filter",
     "typical_sampling",
+    "zerocap_search",
 ]

@@ -7,7 +7,8 @@ the step's cost, kept in its :class:`~magic_edu.trace.StepRecord`.
 
 * ``lm_forwards``: sequences (rows) through the LM's transformer; a forward of a (B, S) batch
   counts B. ``lm_tokens``: token positions through it, B x S.
-* ``lm_backwards``: backward passes through the LM (0 for every decoder so far).
+* ``lm_backwards``: backward passes through the LM, counted by rows as ``lm_forwards`` is: ZeroCap
+  (:mod:`magic_edu.zerocap`) runs num_iterations per live beam and step; every other decoder 0.
 * ``clip_texts``: texts CLIP's text tower embedded; ``clip_text_tokens``: the token positions
   the text tower actually ran (trimmed to the longest text, or the shared prefix once plus the
   packed rest: :mod:`magic_edu.fast.clip_prefix`).

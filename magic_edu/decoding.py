@@ -23,7 +23,9 @@ every step:
 Contrastive search is the same with beta = 0 (no CLIP); greedy search takes argmax p.
 Sampling draws from the logits divided by a temperature, then filtered (top-k, nucleus or
 typical: :mod:`magic_edu.filters`). Beam search keeps the num_beams best hypotheses and
-advances them all at every step (its bookkeeping: :mod:`magic_edu.beams`).
+advances them all at every step (its bookkeeping: :mod:`magic_edu.beams`). ZeroCap steers the
+LM's keys and values with gradient steps towards CLIP, then runs its own beam search over the
+fused distribution (every formula: :mod:`magic_edu.zerocap`; the Stepper keeps its beams per step).
 :class:`Stepper` runs any decoder one token at a time, can go back, and can be forced
 to take another candidate ("what if?"); the decoder functions below just run it to the end.
 Each decoder is described once in :mod:`magic_edu.registry` (name, parameters, ranges).
@@ -50,11 +52,11 @@ from typing import Any
 
 import torch
 
-from . import beams
+from . import beams, zerocap
 from .costs import Cost
 from .errors import MagicEduError
 from .filters import filtered_probs, nucleus_filter, temperature, top_k_filter, typical_filter
-from .inputs import ImageLike
+from .inputs import ImageLike, check_int
 from .models import ImageTextMatcher, KeysValues, LanguageModel
 from .registry import MAX_NEW_TOKENS, get_decoder
 from .scoring import ClipScorer, degeneration_penalty, magic_score
@@ -64,6 +66,8 @@ TRACE_TOP = 10  # candidates shown in a greedy / nucleus / typical trace
 NAN = float("nan")
 NO_FORCING_BEAMS = ("force: forcing a token is not meaningful for beam search: a step advances every beam at once, "
                     "and which continuations go on is the search itself")
+NO_FORCING_ZEROCAP = ("force: forcing a token is not meaningful for ZeroCap: a step advances every beam at once, "
+                      "and which continuations go on is its beam search")
 # each sampling decoder's filter, and the parameter it takes
 FILTERS = {"top_k": (top_k_filter, "k"), "nucleus": (nucleus_filter, "p"), "typical": (typical_filter, "mass")}
 
@@ -90,6 +94,19 @@ class StepResult:
     beam: Any
     next_beam: Any
     hypothesis_score: Any
+    steered_prob: Any = None  # ZeroCap only (None: NaN for every candidate)
+    fused_prob: Any = None
+    iteration_probs: Any = None  # per row: [iteration][candidate] (None: empty)
+    iteration_targets: Any = None
+
+    def __post_init__(self) -> None:
+        rows = _rows(self.token_ids)
+        for name in ("steered_prob", "fused_prob"):
+            if getattr(self, name) is None:
+                setattr(self, name, _unused(rows, NAN))
+        for name in ("iteration_probs", "iteration_targets"):
+            if getattr(self, name) is None:
+                setattr(self, name, [[] for _ in rows])
 
 
 def _unused(ids: list[list[int]], fill: Any) -> list[list]:
@@ -151,10 +168,11 @@ class _Context:
 class _Undo:
     """What Back restores besides truncating the context: its length, the step's next-token
     logits, which rows had ended, the sampler's state, and beam search's finished hypotheses
-    and whether it had stopped (its beams: the layer Back removes)."""
+    and whether it had stopped (its beams: the layer Back removes). ZeroCap keeps no context:
+    -1 and None there."""
 
     context_length: int
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     lengths: list[int | None]
     rng_state: torch.Tensor | None
     finished: list[beams.Hypothesis]
@@ -179,6 +197,11 @@ class Stepper:
     Beam search (``"beam"``) decodes one prompt: it does not look at the image, and its rows
     are its beams. A step advances every beam; forcing a token is not meaningful for it. Its
     output so far is the best beam's, and once it has stopped, the best finished hypothesis.
+
+    ZeroCap (``"zerocap"``) captions one image (a list of several is refused: call
+    :func:`zerocap_search`, which runs one Stepper per image); its output so far is its best
+    beam's, forcing is refused as for beam search, and Back restores the beams of the step
+    before. ``forbidden_tokens`` (ZeroCap only): ids whose logits forbidden_factor damps.
     """
 
     def __init__(
@@ -199,6 +222,18 @@ class Stepper:
         length_penalty: float | None = None,
         seed: int | None = None,
         clip_text_max_len: int | None = None,
+        num_iterations: int | None = None,
+        stepsize: float | None = None,
+        grad_norm_factor: float | None = None,
+        ce_scale: float | None = None,
+        clip_scale: float | None = None,
+        clip_temperature: float | None = None,
+        fusion_factor: float | None = None,
+        end_factor: float | None = None,
+        forbidden_factor: float | None = None,
+        repetition_penalty: float | None = None,
+        candidates: int | None = None,
+        forbidden_tokens: Sequence[int] = (),
         max_new_tokens: int | None = None,
         stop_at_eos: bool = True,
         record: bool = True,
@@ -208,12 +243,17 @@ class Stepper:
         self.lm, self.clip, self.decoder = lm, clip, spec.name
         preset = getattr(lm, "defaults", None) or {}
         given = dict(k=k, alpha=alpha, beta=beta, p=p, mass=mass, temperature=temperature, num_beams=num_beams,
-                     length_penalty=length_penalty, seed=seed, clip_text_max_len=clip_text_max_len)
+                     length_penalty=length_penalty, seed=seed, clip_text_max_len=clip_text_max_len,
+                     num_iterations=num_iterations, stepsize=stepsize, grad_norm_factor=grad_norm_factor,
+                     ce_scale=ce_scale, clip_scale=clip_scale, clip_temperature=clip_temperature,
+                     fusion_factor=fusion_factor, end_factor=end_factor, forbidden_factor=forbidden_factor,
+                     repetition_penalty=repetition_penalty, candidates=candidates)
         self.params, from_preset = spec.settings(given, preset, lm.vocab_size)
         if spec.samples and self.params["seed"] is None:
             self.params["seed"] = secrets.randbits(31)
         self.stop_at_eos, self.record = _check_bool(stop_at_eos, "stop_at_eos"), _check_bool(record, "record")
         self.history = _check_bool(history, "history")
+        self.forbidden_tokens = _check_forbidden(forbidden_tokens, spec, lm.vocab_size)
 
         self.prefix = lm.prefix_ids(prompt)
         room = lm.context_length - len(self.prefix)
@@ -245,10 +285,17 @@ class Stepper:
             images = list(image) if isinstance(image, (list, tuple)) else [image]
             if not images:
                 raise MagicEduError("image: the list of images is empty")
-            # a Stepper that can go back encodes each step's CLIP texts afresh: exact either way, but
-            # reusing the previous step's prefix rounds differently, and Back must replay bit for bit
-            self.scorer = ClipScorer(lm, clip, clip.embed_image(images).reshape(len(images), -1),
-                                     self.params["clip_text_max_len"], remember=False if self.history else None)
+            if spec.steers and len(images) > 1:
+                raise MagicEduError(f"image: a ZeroCap Stepper captions one image; got a list of {len(images)} "
+                                    "(zerocap_search runs one after another)")
+            embeddings = clip.embed_image(images).reshape(len(images), -1)
+            if spec.steers:
+                self._image_embedding = embeddings[0]
+            else:
+                # a Stepper that can go back encodes each step's CLIP texts afresh: exact either way, but
+                # reusing the previous step's prefix rounds differently, and Back must replay bit for bit
+                self.scorer = ClipScorer(lm, clip, embeddings, self.params["clip_text_max_len"],
+                                         remember=False if self.history else None)
         self.batch_size = max(1, len(images))
 
         settings = {"decoder": spec.name, "prompt": prompt, "max_new_tokens": self.max_new_tokens,
@@ -256,6 +303,8 @@ class Stepper:
                     **self.params, "from_preset": from_preset}
         if spec.needs_image:
             settings.update(clip=clip.name, logit_scale=clip.logit_scale)
+        if spec.steers:
+            settings.update(forbidden_tokens=list(self.forbidden_tokens))
         prefix_tokens = [lm.token_text(i) for i in self.prefix]
         self.traces = [Trace(dict(settings), list(self.prefix), prefix_tokens) for _ in range(self.batch_size)]
         self._start()
@@ -279,13 +328,14 @@ class Stepper:
 
     # -- state ----------------------------------------------------------------------
     def _start(self) -> None:
-        ids = torch.tensor([self.prefix], device=self.lm.device)
-        logits, hidden, cache = self.lm.forward(ids)
         b = self.batch_size
-        rows = self.params["num_beams"] if self.spec.beams else b
-        room = len(self.prefix) + min(self.max_new_tokens, 64)  # doubled when a decode needs more
-        self._ctx = _Context(_repeat_rows(cache, rows), hidden.expand(rows, -1, -1), room)
-        self._logits = logits[:, -1].expand(1 if self.spec.beams else b, -1)  # next-token logits of each row / beam
+        if not self.spec.steers:  # ZeroCap runs every beam's ids afresh at every step: no shared context
+            ids = torch.tensor([self.prefix], device=self.lm.device)
+            logits, hidden, cache = self.lm.forward(ids)
+            rows = self.params["num_beams"] if self.spec.beams else b
+            room = len(self.prefix) + min(self.max_new_tokens, 64)  # doubled when a decode needs more
+            self._ctx = _Context(_repeat_rows(cache, rows), hidden.expand(rows, -1, -1), room)
+            self._logits = logits[:, -1].expand(1 if self.spec.beams else b, -1)  # next-token logits per row / beam
         self._steps = 0
         self._generated: list[list[int]] = [[] for _ in range(b)]  # rows keep going after EOS
         self._lengths: list[int | None] = [None] * b  # per row: its output's length once it has ended
@@ -294,6 +344,7 @@ class Stepper:
         self._finished: list[beams.Hypothesis] = []  # and its best finished hypotheses
         self._stopped = False
         self._undo: list[_Undo] = []
+        self._zerocap_beams: list[list[zerocap.Beam]] = []  # ZeroCap: its beams after every step
 
     @property
     def step_index(self) -> int:
@@ -312,11 +363,16 @@ class Stepper:
             if self._stopped:
                 return beams.hypothesis_tokens(self._layers, self._finished[0])
             return beams.beam_tokens(self._layers, 0) if self._layers else []
+        if self.spec.steers:  # the best beam by score / length
+            return list(self._zerocap_beams[-1][0].ids) if self._zerocap_beams else []
         n = self._lengths[row]
         return list(self._generated[row][:n])
 
     def beams(self) -> list[tuple[list[int], float]]:
-        """Beam search: the beams after the last step, best first: (generated ids, summed log-probability)."""
+        """Beam search: the beams after the last step, best first: (generated ids, summed log-probability).
+        ZeroCap: its beams, best first by score / length (finished ones included): (ids, summed log q)."""
+        if self.spec.steers:
+            return [(list(b.ids), b.score) for b in self._zerocap_beams[-1]] if self._zerocap_beams else [([], 0.0)]
         if not self._layers:
             return [([], 0.0)] if self.spec.beams else []
         layer = self._layers[-1]
@@ -344,10 +400,14 @@ class Stepper:
             raise MagicEduError("back(): nothing to undo, the decode is at its first step")
         undo = self._undo.pop()
         self._logits, self._lengths, self._rng_state = undo.logits, undo.lengths, undo.rng_state
-        self._finished, self._stopped, self._ctx.length = undo.finished, undo.stopped, undo.context_length
+        self._finished, self._stopped = undo.finished, undo.stopped
+        if not self.spec.steers:
+            self._ctx.length = undo.context_length
         self._steps -= 1
         if self.spec.beams:
             self._layers.pop()
+        if self.spec.steers:
+            self._zerocap_beams.pop()
         for ids in self._generated:
             if ids:
                 ids.pop()
@@ -375,6 +435,8 @@ class Stepper:
         """
         if force is not None and self.spec.beams:
             raise MagicEduError(NO_FORCING_BEAMS)
+        if force is not None and self.spec.steers:
+            raise MagicEduError(NO_FORCING_ZEROCAP)
         if self.done:
             raise MagicEduError("step(): the decode has ended; use back() or reset() to go on")
         if force is not None:
@@ -384,20 +446,26 @@ class Stepper:
                 raise MagicEduError(f"force must be a token id (an int from 0 to {self.lm.vocab_size - 1}) among "
                                     f"this step's candidates; got {force!r}")
         work_before, started = self._work_done(), time.perf_counter()
-        probs = torch.softmax(self._logits.double(), dim=-1)  # p(v|x) over the whole vocabulary
-        before = _Undo(self._ctx.length, self._logits, list(self._lengths), self._rng_state, self._finished,
-                       self._stopped)
-        text_before = [self.text(row) for row in range(self.batch_size)] if self.record else []
-        if self.spec.beams:
-            result = self._beam_step(probs)
-        elif self.spec.scores_candidates:
-            result = self._candidate_step(probs, force)
+        if self.spec.steers:  # ZeroCap's state: its beams per step (Back pops them) and whether all have finished
+            before = _Undo(-1, None, list(self._lengths), None, [], self._stopped)
         else:
-            result = self._token_step(probs, force)
+            before = _Undo(self._ctx.length, self._logits, list(self._lengths), self._rng_state, self._finished,
+                           self._stopped)
+        text_before = [self.text(row) for row in range(self.batch_size)] if self.record else []
+        if self.spec.steers:
+            result = self._zerocap_step()
+        else:
+            probs = torch.softmax(self._logits.double(), dim=-1)  # p(v|x) over the whole vocabulary
+            if self.spec.beams:
+                result = self._beam_step(probs)
+            elif self.spec.scores_candidates:
+                result = self._candidate_step(probs, force)
+            else:
+                result = self._token_step(probs, force)
         if self.history:
             self._undo.append(before)
         self._steps += 1
-        if not self.spec.beams:
+        if not (self.spec.beams or self.spec.steers):
             chosen = [int(ids[c]) for ids, c in zip(_rows(result.token_ids), _rows(result.chosen))]
             for row, c in enumerate(chosen):
                 self._generated[row].append(c)
@@ -505,6 +573,24 @@ class Stepper:
                           [step.scores], [chosen], [[]], [[NAN] * k], [step.parents], [step.next_beam],
                           [step.hypothesis_score])
 
+    def _zerocap_step(self) -> StepResult:
+        """ZeroCap: one step of its search (:func:`magic_edu.zerocap.search_step`) from the beams of
+        the step before; the trace shows every live beam's best candidates by the fused q."""
+        end = self.lm.eos_token_id if self.stop_at_eos else None
+        step = zerocap.search_step(self.lm, self.clip, self._image_embedding, self.prefix,
+                                   self._zerocap_beams[-1] if self._zerocap_beams else [], self.step_index,
+                                   zerocap.ZeroCapSettings.of(self.params), end, self.forbidden_tokens)
+        if not self.history and self._zerocap_beams:
+            self._zerocap_beams.pop()  # keep only the last step's beams
+        self._zerocap_beams.append(step.beams)
+        self._stopped = all(b.finished for b in step.beams)
+        nan, ids = [[NAN] * len(step.token_ids)], [step.token_ids]
+        return StepResult(token_ids=ids, lm_prob=[step.p0], degeneration_penalty=nan, penalty_position=_unused(ids, -1),
+                          clip_text=_unused(ids, ""), clip_cosine=nan, clip_score=[step.target], score=[step.score],
+                          chosen=[step.chosen], chosen_similarity=[[]], sample_prob=nan, beam=[step.beam],
+                          next_beam=[step.next_beam], hypothesis_score=nan, steered_prob=[step.p], fused_prob=[step.q],
+                          iteration_probs=[step.iteration_p], iteration_targets=[step.iteration_target])
+
     def _record(self, result: StepResult, lengths: list[int | None], texts: list[str], forced: bool, cost: Cost
                 ) -> StepRecord | None:
         step = self.step_index - 1
@@ -608,6 +694,39 @@ def magic_search(
     return gens if isinstance(image, (list, tuple)) else gens[0]
 
 
+def zerocap_search(
+    lm: LanguageModel, clip: ImageTextMatcher, image: ImageLike | Sequence[ImageLike], *,
+    num_iterations: int | None = None, stepsize: float | None = None, grad_norm_factor: float | None = None,
+    ce_scale: float | None = None, clip_scale: float | None = None, clip_temperature: float | None = None,
+    fusion_factor: float | None = None, end_factor: float | None = None, forbidden_factor: float | None = None,
+    repetition_penalty: float | None = None, candidates: int | None = None, num_beams: int | None = None,
+    forbidden_tokens: Sequence[int] = (), prompt: str | None = zerocap.PROMPT, max_new_tokens: int | None = None,
+    stop_at_eos: bool = True, record: bool = True,
+) -> Generation | list[Generation]:
+    """ZeroCap (Tewel et al. 2022; every formula: :mod:`magic_edu.zerocap`): at every step,
+    num_iterations normalised gradient steps on the LM's keys and values (for each beam) lower
+    clip_scale * CE(CLIP's target, p) + ce_scale * KL(p || p0); then
+    q = p_shift ** fusion_factor * p0 ** (1 - fusion_factor), and the beams, ranked by summed
+    log q / length, go on. Settings left out: ZeroCLIP.py's (the registry's), num_beams 1 (the
+    MAGIC paper's baseline), the prompt "Image of a". Slow by nature: every token costs
+    num_iterations forward and backward passes and num_iterations x candidates CLIP texts per beam.
+
+    A list of images is captioned one image after another (one Generation each): the search
+    is not batched.
+    """
+    settings = dict(num_iterations=num_iterations, stepsize=stepsize, grad_norm_factor=grad_norm_factor,
+                    ce_scale=ce_scale, clip_scale=clip_scale, clip_temperature=clip_temperature,
+                    fusion_factor=fusion_factor, end_factor=end_factor, forbidden_factor=forbidden_factor,
+                    repetition_penalty=repetition_penalty, candidates=candidates, num_beams=num_beams,
+                    forbidden_tokens=forbidden_tokens, prompt=prompt, max_new_tokens=max_new_tokens,
+                    stop_at_eos=stop_at_eos, record=record, history=False)
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if not images:
+        raise MagicEduError("image: the list of images is empty")
+    gens = [Stepper(lm, "zerocap", clip=clip, image=one, **settings).run()[0] for one in images]
+    return gens if isinstance(image, (list, tuple)) else gens[0]
+
+
 # -- helpers ---------------------------------------------------------------------------
 def _sample(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """One token per row drawn from ``probs`` (B, V) with ``gen``. The draw runs over the tokens
@@ -640,6 +759,15 @@ def _with_room(t: torch.Tensor, room: int, dim: int) -> torch.Tensor:
 def _rows(x: Any) -> list:
     """A (B, ...) tensor or a list of B rows as a list of B rows (one device-to-host copy)."""
     return x.tolist() if isinstance(x, torch.Tensor) else x
+
+
+def _check_forbidden(tokens: Any, spec: Any, vocab_size: int) -> tuple[int, ...]:
+    """ZeroCap's forbidden token ids, each an int in [0, vocab_size); refused for other decoders."""
+    if not isinstance(tokens, (list, tuple)):
+        raise MagicEduError(f"forbidden_tokens must be a list of token ids; got {tokens!r}")
+    if tokens and not spec.steers:
+        raise MagicEduError(f"forbidden_tokens: {spec.label} has no forbidden tokens (ZeroCap has)")
+    return tuple(check_int(t, "forbidden_tokens", 0, vocab_size - 1) for t in tokens)
 
 
 def _check_bool(value: Any, name: str) -> bool:

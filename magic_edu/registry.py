@@ -2,7 +2,8 @@
 
 :class:`~magic_edu.decoding.Stepper`, the widgets, the plots, the command line, the analysis and
 the toy report all read :data:`DECODERS`. Adding a decoder is one entry here plus its step in
-:mod:`magic_edu.decoding` (and a function that runs it, named by ``function``).
+:mod:`magic_edu.decoding` (and a function that runs it, named by ``function``). ZeroCap's
+step is in :mod:`magic_edu.zerocap`; its parameters are described here, as every decoder's.
 
 A parameter's value comes from, in order: the caller's argument; the model's preset settings
 (``LanguageModel.defaults``, for parameters with ``from_preset``); the default here.
@@ -61,8 +62,10 @@ class Param:
 @dataclass(frozen=True)
 class Decoder:
     """One decoder: ``name`` (as the library spells it), ``label`` (for people), its parameters,
-    and whether it scores candidates (degeneration penalty, CLIP), needs an image, samples, or
-    keeps several hypotheses at once (beam search: a step advances every beam)."""
+    and whether it scores candidates (degeneration penalty, CLIP), needs an image, samples, keeps
+    several hypotheses at once (beam search: a step advances every beam), or steers the LM with
+    gradient steps on its keys and values (ZeroCap: :mod:`magic_edu.zerocap`, its own beams;
+    slow, so :class:`~magic_edu.views.widgets.CompareDecoders` runs it only when asked)."""
 
     name: str
     label: str
@@ -72,6 +75,7 @@ class Decoder:
     needs_image: bool = False
     samples: bool = False
     beams: bool = False
+    steers: bool = False
     aliases: tuple[str, ...] = ()
 
     @property
@@ -120,6 +124,29 @@ LENGTH_PENALTY = Param("length_penalty", float, 1.0, None, None,
                        "beam search: a finished hypothesis scores log p / length ** length_penalty "
                        "(> 0 favours longer ones)", (-2.0, 3.0, 0.1), from_preset=False)
 SEED = Param("seed", int, None, 0, 2**64 - 1, "sampling seed (none: a fresh random one)", from_preset=False)
+# ZeroCap's (Tewel et al. 2022; defaults: ZeroCLIP.py's, num_beams the MAGIC paper's baseline
+# script's); never a preset's: the presets' values are tuned for MAGIC
+ZEROCAP_PARAMS: tuple[Param, ...] = tuple(replace(p, from_preset=False) for p in (
+    Param("num_iterations", int, 5, 0, None, "gradient steps on the keys and values per token", (0, 10, 1)),
+    Param("stepsize", float, 0.3, 0.0, None, "size of a normalised gradient step", (0.0, 1.0, 0.05)),
+    Param("grad_norm_factor", float, 0.9, 0.0, None, "a step is g / ||g|| ** grad_norm_factor", (0.0, 1.0, 0.05)),
+    Param("ce_scale", float, 0.2, 0.0, None, "weight of the fluency loss KL(p || p0)", (0.0, 2.0, 0.05)),
+    Param("clip_scale", float, 1.0, 0.0, None, "weight of the CLIP loss", (0.0, 5.0, 0.1)),
+    Param("clip_temperature", float, 0.01, 0.0, None, "CLIP's target is softmax(cos / clip_temperature)",
+          (0.005, 0.1, 0.005), low_open=True),
+    Param("fusion_factor", float, 0.99, 0.0, 1.0, "q = p_shift ** fusion_factor * p0 ** (1 - fusion_factor)",
+          (0.0, 1.0, 0.01)),
+    Param("end_factor", float, 1.01, 0.0, None, "the end token's logit is multiplied by this (> 0 logit)",
+          (0.5, 2.0, 0.01), low_open=True),
+    Param("forbidden_factor", float, 20.0, 0.0, None, "forbidden tokens' logits are divided by this (> 0 logit)",
+          (1.0, 50.0, 1.0), low_open=True),
+    Param("repetition_penalty", float, 1.0, 0.0, None, "the last 4 ids' logits are divided by this (1: off)",
+          (1.0, 3.0, 0.1), low_open=True),
+    Param("candidates", int, 512, 1, None, "tokens CLIP scores per beam and iteration (at most the vocabulary)",
+          (1, 512, 1)),
+    Param("num_beams", int, 1, 1, "vocab", "ZeroCap: beams (MAGIC's baseline runs 1; ZeroCap's default 5)",
+          (1, 10, 1)),
+))
 CLIP_TEXT_MAX_LEN = Param("clip_text_max_len", int, 60, 1, None,
                           "CLIP sees at most this many of the last generated ids plus the candidate")
 
@@ -137,6 +164,7 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (
     Decoder("magic", "MAGIC search", "magic_search",
             (replace(K, default=45), replace(ALPHA, default=0.1), BETA, CLIP_TEXT_MAX_LEN),
             scores_candidates=True, needs_image=True),
+    Decoder("zerocap", "ZeroCap", "zerocap_search", ZEROCAP_PARAMS, needs_image=True, steers=True),
 )}
 
 # settings every decoder takes

@@ -5,14 +5,16 @@ A :class:`Trace` is a list of :class:`StepRecord` plus the settings it was made 
 
     step, rank, token, token_id, lm_prob, degeneration_penalty, penalty_position,
     clip_text, clip_cosine, clip_score, score, sample_prob, beam, next_beam,
-    hypothesis_score, chosen, forced, lm_forwards, lm_tokens, lm_backwards, clip_texts,
+    hypothesis_score, steered_prob, fused_prob, chosen, forced, lm_forwards, lm_tokens, lm_backwards, clip_texts,
     clip_text_tokens, clip_images, seconds
 
 where score = (1 - alpha) * lm_prob - alpha * degeneration_penalty + beta * clip_score
 for contrastive and MAGIC search; for greedy and sampling, score = lm_prob, and sampling adds
 sample_prob, the probability of being drawn (the filtered distribution); for beam search,
 score is the cumulative log-probability of the beam plus the candidate, and beam, next_beam
-and hypothesis_score say where each candidate came from and went (see :class:`StepRecord`).
+and hypothesis_score say where each candidate came from and went (see :class:`StepRecord`);
+for ZeroCap, lm_prob is p0 (the LM unsteered), steered_prob p after the last gradient step,
+clip_score CLIP's target and fused_prob q (see :class:`StepRecord`).
 The last seven columns are the step's cost (:mod:`magic_edu.costs`), the same on every row of
 a step.
 """
@@ -36,7 +38,9 @@ from .errors import MagicEduError
 
 # 2: the sampling and beam columns (version 1 files load, without them);
 # 3: each step's cost and the trace's setup cost (older files load them as unknown: -1 / NaN)
-FORMAT_VERSION = 3
+# 4: ZeroCap's columns (steered_prob, fused_prob; older files load them as NaN) and its per-iteration
+#    lists (iteration_probs, iteration_targets; older files: empty)
+FORMAT_VERSION = 4
 
 
 @dataclass
@@ -63,6 +67,18 @@ class StepRecord:
 
     The four sampling and beam columns are empty in version 1 files (read as NaN / -1).
 
+    ZeroCap (:mod:`magic_edu.zerocap`): the candidates are every live beam's best tokens by the
+    fused q, beam after beam; ``lm_prob`` is p0(v), the LM's probability before steering;
+    ``steered_prob`` p(v) after the last of the num_iterations gradient steps on the keys and
+    values; ``clip_score`` CLIP's target in that iteration, softmax over the n most probable
+    tokens of cos(I, text + v) / clip_temperature (NaN where nothing was steered);
+    ``fused_prob`` q(v) = p_shift(v) ** f * p0(v) ** (1 - f) normalised; ``score`` = (the beam's
+    summed log q + log q(v)) / its new length, what the beams are ranked by; ``beam`` and
+    ``next_beam`` as for beam search (``hypothesis_score`` unused); ``chosen``: the candidate
+    that became beam 0. ``iteration_probs[i]`` / ``iteration_targets[i]``: p(v) at the start of
+    iteration i and the target it was pulled towards, one value per candidate. NaN for every
+    other decoder (empty lists), and in files older than version 4.
+
     ``cost``: the work the step did (:mod:`magic_edu.costs`): LM forwards and tokens, backward
     passes, CLIP texts and their tokens, CLIP images, and the step's wall time. It is the whole
     step's, all rows of a batch together (every row's record holds the same cost); unknown
@@ -87,6 +103,10 @@ class StepRecord:
     beam: list[int] = field(default_factory=list)
     next_beam: list[int] = field(default_factory=list)
     hypothesis_score: list[float] = field(default_factory=list)
+    steered_prob: list[float] = field(default_factory=list)
+    fused_prob: list[float] = field(default_factory=list)
+    iteration_probs: list[list[float]] = field(default_factory=list)  # [iteration][candidate]
+    iteration_targets: list[list[float]] = field(default_factory=list)
     cost: Cost = field(default_factory=Cost.unknown)
 
     @property
@@ -236,8 +256,10 @@ class Trace:
         return cls.from_dict(data, source=path)
 
 
-# the per-candidate columns version 1 files lack, and what they hold where a decoder does not compute them
-OPTIONAL_COLUMNS = {"sample_prob": math.nan, "beam": -1, "next_beam": -1, "hypothesis_score": math.nan}
+# the per-candidate columns older files lack (version 1: the first four; before 4: the last two), and what
+# they hold where a decoder does not compute them
+OPTIONAL_COLUMNS = {"sample_prob": math.nan, "beam": -1, "next_beam": -1, "hypothesis_score": math.nan,
+                    "steered_prob": math.nan, "fused_prob": math.nan}
 
 
 # -- checking a loaded trace ---------------------------------------------------------------
@@ -246,7 +268,7 @@ _STEP_REQUIRED = [name for name, f in _STEP_FIELDS.items() if f.default is MISSI
 _INT_COLUMNS = ("token_ids", "penalty_position", "beam", "next_beam")
 _STR_COLUMNS = ("tokens", "clip_text")
 _FLOAT_COLUMNS = ("lm_prob", "degeneration_penalty", "clip_cosine", "clip_score", "score", "sample_prob",
-                  "hypothesis_score")
+                  "hypothesis_score", "steered_prob", "fused_prob")
 
 
 def _is_int(value: Any) -> bool:
@@ -315,6 +337,13 @@ def _step_record(data: Any, i: int) -> StepRecord:
         raise MagicEduError(f"{where}: 'forced' must be true or false; got {forced!r}")
     values["forced"] = forced
     values["chosen_similarity"] = _float_list(data.get("chosen_similarity", []), f"{where}: 'chosen_similarity'")
+    for name in ("iteration_probs", "iteration_targets"):  # [iteration][candidate]; absent before version 4
+        lists = data.get(name, [])
+        if not isinstance(lists, list):
+            raise MagicEduError(f"{where}: {name!r} must be a list of lists of numbers")
+        values[name] = [_float_list(row, f"{where}: {name!r}") for row in lists]
+        if any(len(row) != k for row in values[name]):
+            raise MagicEduError(f"{where}: every list in {name!r} must have one entry per candidate ({k})")
     values["cost"] = Cost.from_dict(data["cost"], f"{where}: 'cost'") if "cost" in data else Cost.unknown()
     return StepRecord(**values)
 

@@ -33,7 +33,7 @@ Differences from the public code, by design:
   reads the prefix and generated text with the start token removed (as the public code
   removes BOS), cut at the first EOS string (so the EOS candidate reads "stop here"; a
   prompt format with EOS in it, the story LM's, would leave CLIP the part before it).
-* The end token is the LM's EOS unless ``end_token`` says otherwise (public: ".").
+* The end token is the LM's EOS (public: "."); with ``stop_at_eos=False`` no beam finishes.
 * Forbidden tokens are an optional list (public: a forbidden_tokens.npy made for GPT-2's
   vocabulary; there is none for other vocabularies, so by default nothing is forbidden).
 * CLIP scores min(candidates, vocabulary size) tokens (public: 512; the toy LM has fewer).
@@ -46,7 +46,9 @@ Differences from the public code, by design:
 * Left out as unused there: ``reset_context_delta`` (always True: delta restarts at every
   step), the per-beam ``tmp_weights`` (computed, never applied), the all-ones window mask.
 
-Not in the decoder registry (:mod:`magic_edu.registry`) yet: call :func:`zerocap_search`.
+A decoder like the others: its parameters are in :mod:`magic_edu.registry` (``"zerocap"``),
+:class:`~magic_edu.decoding.Stepper` steps through it (:func:`search_step`, one step of the
+search, and its trace columns) and :func:`~magic_edu.decoding.zerocap_search` runs it.
 
 Cost (:mod:`magic_edu.costs`): per live beam and step, the context forward, one forward of the
 last id for p0, num_iterations forwards and backwards (``lm_backwards`` counts rows, as
@@ -55,18 +57,14 @@ last id for p0, num_iterations forwards and backwards (``lm_backwards`` counts r
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .costs import Cost
-from .errors import MagicEduError
-from .inputs import ImageLike, check_int
 from .models import ImageTextMatcher, KeysValues, LanguageModel
-from .registry import MAX_NEW_TOKENS, Param
+from .registry import DECODERS
 
 PROMPT = "Image of a"  # ZeroCap's cond_text
 START_FACTOR = 1.6  # ZeroCLIP.py: at the first step the end token is damped by this
@@ -74,55 +72,33 @@ NORM_EPS = 1e-15  # added to a gradient's norm before the power
 RECENT = 4  # the repetition penalty looks at this many last ids
 TRACE_TOP = 10  # candidates per beam shown in a step's record
 
-PARAMS: tuple[Param, ...] = (
-    Param("num_iterations", int, 5, 0, None, "gradient steps on the keys and values per token", (0, 10, 1)),
-    Param("stepsize", float, 0.3, 0.0, None, "size of a normalised gradient step", (0.0, 1.0, 0.05)),
-    Param("grad_norm_factor", float, 0.9, 0.0, None, "a step is g / ||g|| ** grad_norm_factor", (0.0, 1.0, 0.05)),
-    Param("ce_scale", float, 0.2, 0.0, None, "weight of the fluency loss KL(p || p0)", (0.0, 2.0, 0.05)),
-    Param("clip_scale", float, 1.0, 0.0, None, "weight of the CLIP loss", (0.0, 5.0, 0.1)),
-    Param("clip_temperature", float, 0.01, 0.0, None, "CLIP's target is softmax(cos / clip_temperature)",
-          (0.005, 0.1, 0.005), low_open=True),
-    Param("fusion_factor", float, 0.99, 0.0, 1.0, "q = p_shift ** fusion_factor * p0 ** (1 - fusion_factor)",
-          (0.0, 1.0, 0.01)),
-    Param("end_factor", float, 1.01, 0.0, None, "the end token's logit is multiplied by this (> 0 logit)",
-          (0.5, 2.0, 0.01), low_open=True),
-    Param("forbidden_factor", float, 20.0, 0.0, None, "forbidden tokens' logits are divided by this (> 0 logit)",
-          (1.0, 50.0, 1.0), low_open=True),
-    Param("repetition_penalty", float, 1.0, 0.0, None, "the last 4 ids' logits are divided by this (1: off)",
-          (1.0, 3.0, 0.1), low_open=True),
-    Param("candidates", int, 512, 1, None, "tokens CLIP scores per beam and iteration (at most the vocabulary)",
-          (1, 512, 1)),
-    Param("num_beams", int, 1, 1, "vocab", "beams (MAGIC's baseline runs 1; ZeroCap's default 5)", (1, 10, 1)),
-)
+PARAMS = DECODERS["zerocap"].params  # described once, in the registry
+_DEFAULTS = {p.name: p.default for p in PARAMS}
 
 
 @dataclass(frozen=True)
 class ZeroCapSettings:
-    """ZeroCap's settings (:data:`PARAMS`: defaults and ranges; the defaults are ZeroCLIP.py's
-    and, for num_beams, the MAGIC paper's baseline script's)."""
+    """ZeroCap's settings, as the step functions read them; their defaults and ranges are the
+    registry's (:data:`PARAMS`: ZeroCLIP.py's defaults and, for num_beams, the MAGIC paper's
+    baseline script's)."""
 
-    num_iterations: int = 5
-    stepsize: float = 0.3
-    grad_norm_factor: float = 0.9
-    ce_scale: float = 0.2
-    clip_scale: float = 1.0
-    clip_temperature: float = 0.01
-    fusion_factor: float = 0.99
-    end_factor: float = 1.01
-    forbidden_factor: float = 20.0
-    repetition_penalty: float = 1.0
-    candidates: int = 512
-    num_beams: int = 1
+    num_iterations: int = _DEFAULTS["num_iterations"]
+    stepsize: float = _DEFAULTS["stepsize"]
+    grad_norm_factor: float = _DEFAULTS["grad_norm_factor"]
+    ce_scale: float = _DEFAULTS["ce_scale"]
+    clip_scale: float = _DEFAULTS["clip_scale"]
+    clip_temperature: float = _DEFAULTS["clip_temperature"]
+    fusion_factor: float = _DEFAULTS["fusion_factor"]
+    end_factor: float = _DEFAULTS["end_factor"]
+    forbidden_factor: float = _DEFAULTS["forbidden_factor"]
+    repetition_penalty: float = _DEFAULTS["repetition_penalty"]
+    candidates: int = _DEFAULTS["candidates"]
+    num_beams: int = _DEFAULTS["num_beams"]
 
     @classmethod
-    def checked(cls, vocab_size: int, **given: Any) -> ZeroCapSettings:
-        """The settings with ``given`` values (None: the default) checked against their ranges."""
-        names = [p.name for p in PARAMS]
-        unknown = [name for name in given if name not in names]
-        if unknown:
-            raise MagicEduError(f"{unknown[0]}: ZeroCap has no such parameter; its parameters are {', '.join(names)}")
-        return cls(**{p.name: p.check(p.default if given.get(p.name) is None else given[p.name], vocab_size)
-                      for p in PARAMS})
+    def of(cls, params: Mapping[str, Any]) -> ZeroCapSettings:
+        """The settings among ``params`` (checked already, e.g. a Stepper's), the rest ignored."""
+        return cls(**{name: params[name] for name in cls.__dataclass_fields__})
 
 
 # -- one step, piece by piece -----------------------------------------------------------------
@@ -167,7 +143,9 @@ def clip_target(
     top = p.topk(n, dim=-1).indices  # (B, n)
     groups = [[(text + lm.token_text(v)).split(lm.eos_token, 1)[0] for v in row]
               for text, row in zip(texts, top.tolist())]
-    text_emb = clip.embed_text_groups(groups).double()  # (B, n, d), L2-normalised
+    # remember=False: every call encodes its texts afresh, so a step rounds the same whatever came
+    # before it (Back and a step again replay it bit for bit)
+    text_emb = clip.embed_text_groups(groups, remember=False).double()  # (B, n, d), L2-normalised
     cosines = text_emb @ image_embedding.to(text_emb.device, torch.float64)
     target = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
     return target.scatter_(1, top.to(p.device), torch.softmax(cosines / temperature, dim=-1).to(p.device))
@@ -273,41 +251,9 @@ class Beam:
     finished: bool = False
 
 
-@dataclass
-class ZeroCapStepRecord:
-    """One step, for every live beam (the beams that had not finished): its ids before the
-    step, and for its TRACE_TOP best candidates by q: their ids, p0, p at the start of every
-    iteration and after the last, CLIP's target of every iteration, p_shift and q. Then the
-    beams after the step and the step's cost."""
-
-    step: int
-    beam_ids: list[list[int]]
-    token_ids: list[list[int]]
-    p0: list[list[float]]
-    p_steered: list[list[list[float]]]  # [beam][iteration][candidate]
-    clip_target: list[list[list[float]]]
-    p_shift: list[list[float]]
-    q: list[list[float]]
-    beams: list[Beam]
-    cost: Cost = field(default_factory=Cost)
-
-
-@dataclass
-class ZeroCapResult:
-    """ZeroCap's output: ``text`` (the library's output parser), the generated ids, the final
-    beams best first (by score / length), every step's record, the settings and the setup's
-    cost (the image's embedding)."""
-
-    text: str
-    token_ids: list[int]
-    beams: list[Beam]
-    steps: list[ZeroCapStepRecord]
-    settings: ZeroCapSettings
-    setup_cost: Cost
-
-
-def select_beams(beams: list[Beam], log_q: torch.Tensor, num_beams: int, end_token: int) -> list[Beam]:
-    """ZeroCLIP's beam update. ``log_q`` (L, V) holds log q for the L live beams, in order.
+def select_beams(beams: list[Beam], log_q: torch.Tensor, num_beams: int, end_token: int | None) -> list[Beam]:
+    """ZeroCLIP's beam update. ``log_q`` (L, V) holds log q for the L live beams, in order; a
+    beam that takes ``end_token`` finishes (None: none does).
     Before the first step (``beams`` empty) the num_beams best tokens of one row start the
     beams. Later, every (beam, token) of a live beam scores (score + log q) / (length + 1), a
     finished beam is one candidate of unchanged score and length, and the num_beams best
@@ -339,72 +285,64 @@ def select_beams(beams: list[Beam], log_q: torch.Tensor, num_beams: int, end_tok
     return out
 
 
-def zerocap_search(
-    lm: LanguageModel, clip: ImageTextMatcher, image: ImageLike, *, prompt: str | None = PROMPT,
-    num_iterations: int | None = None, stepsize: float | None = None, grad_norm_factor: float | None = None,
-    ce_scale: float | None = None, clip_scale: float | None = None, clip_temperature: float | None = None,
-    fusion_factor: float | None = None, end_factor: float | None = None, forbidden_factor: float | None = None,
-    repetition_penalty: float | None = None, candidates: int | None = None, num_beams: int | None = None,
-    end_token: int | None = None, forbidden_tokens: Sequence[int] = (), max_new_tokens: int | None = None,
-) -> ZeroCapResult:
-    """Caption ``image`` with ZeroCap (module docstring); None takes ZeroCLIP.py's default
-    (:data:`PARAMS`), max_new_tokens 16 (the MSCOCO script's target_seq_length), the end token
-    the LM's EOS. Slow by nature: every token costs num_iterations forward and backward passes
-    and num_iterations x candidates CLIP texts per beam."""
-    s = ZeroCapSettings.checked(lm.vocab_size, num_iterations=num_iterations, stepsize=stepsize,
-                                grad_norm_factor=grad_norm_factor, ce_scale=ce_scale, clip_scale=clip_scale,
-                                clip_temperature=clip_temperature, fusion_factor=fusion_factor,
-                                end_factor=end_factor, forbidden_factor=forbidden_factor,
-                                repetition_penalty=repetition_penalty, candidates=candidates, num_beams=num_beams)
-    top_id = lm.vocab_size - 1
-    end = lm.eos_token_id if end_token is None else check_int(end_token, "end_token", 0, top_id)
-    forbidden = [check_int(t, "forbidden_tokens", 0, top_id) for t in forbidden_tokens]
-    if isinstance(image, (list, tuple)):
-        raise MagicEduError(f"image: ZeroCap captions one image at a time; got a {type(image).__name__} of "
-                            f"{len(image)}")
-    prefix = lm.prefix_ids(prompt)
-    n_new = MAX_NEW_TOKENS.check(MAX_NEW_TOKENS.default if max_new_tokens is None else max_new_tokens)
-    if len(prefix) + n_new > lm.context_length:
-        raise MagicEduError(f"max_new_tokens must be at most {lm.context_length - len(prefix)} for this prompt "
-                            f"and model; got {n_new}")
+@dataclass
+class SearchStep:
+    """One step of the search: the beams after it (best first by score / length) and, for the
+    trace, the shown candidates of every live beam, flattened (each a list, one entry per
+    candidate): ``token_ids``; ``p0`` (no steering), ``p`` (after the last iteration),
+    ``target`` (CLIP's target in the last iteration; NaN where nothing was steered), ``q``
+    (fused); ``score`` = (beam's summed log q + log q(v)) / (its length + 1), what the beams are
+    ranked by; ``beam``: the index of the beam it extends among the beams before the step;
+    ``next_beam``: the beam it became (-1: none); ``chosen``: the candidate that became beam 0
+    (0 if beam 0 is a finished beam kept as it was). ``iteration_p`` / ``iteration_target``:
+    [iteration][candidate] p at the start of every iteration and the target it was pulled to."""
 
-    before, started = lm.cost + clip.cost, time.perf_counter()
-    image_embedding = clip.embed_image(image)
-    setup = _since(lm, clip, before, started)
-    beams: list[Beam] = []
-    records: list[ZeroCapStepRecord] = []
-    for step in range(n_new):
-        before, started = lm.cost + clip.cost, time.perf_counter()
-        live = [b for b in beams if not b.finished] if beams else [Beam([], 0.0, 0)]
-        rows = [prefix + b.ids for b in live]
-        computed = zerocap_step(lm, clip, image_embedding, rows, step, s, end, forbidden)
-        beams = select_beams(beams, computed.log_q, s.num_beams, end)
-        records.append(_record(step, live, computed, beams, _since(lm, clip, before, started)))
-        if all(b.finished for b in beams):
-            break
-    beams = sorted(beams, key=lambda b: -b.score / b.length)  # stable: the earlier first on a tie
-    best = beams[0].ids
-    return ZeroCapResult(lm.output_text(best), best, beams, records, s, setup)
+    beams: list[Beam]
+    token_ids: list[int]
+    p0: list[float]
+    p: list[float]
+    target: list[float]
+    q: list[float]
+    score: list[float]
+    beam: list[int]
+    next_beam: list[int]
+    chosen: int
+    iteration_p: list[list[float]]
+    iteration_target: list[list[float]]
 
 
-def _since(lm: LanguageModel, clip: ImageTextMatcher, before: Cost, started: float) -> Cost:
-    cost = lm.cost + clip.cost - before
-    cost.seconds = time.perf_counter() - started
-    return cost
+def search_step(
+    lm: LanguageModel, clip: ImageTextMatcher, image_embedding: torch.Tensor, prefix: Sequence[int],
+    beams: list[Beam], step: int, s: ZeroCapSettings, end_token: int | None, forbidden: Sequence[int] = (),
+) -> SearchStep:
+    """Advance the search one step: :func:`zerocap_step` on the live beams (before the first
+    step, ``beams`` is empty: one row, the prefix), then :func:`select_beams`. ``end_token``:
+    the token that finishes a beam (None: only the length ends the search); the LM's EOS is
+    damped as ZeroCLIP's end token either way."""
+    before = beams or [Beam([], 0.0, 0)]
+    live = [j for j, b in enumerate(before) if not b.finished]
+    computed = zerocap_step(lm, clip, image_embedding, [list(prefix) + before[j].ids for j in live], step, s,
+                        lm.eos_token_id, forbidden)
+    after = select_beams(beams, computed.log_q, s.num_beams, end_token)
+    shown = min(max(TRACE_TOP, s.num_beams), computed.log_q.shape[-1])
+    top = computed.log_q.topk(shown, dim=-1).indices.cpu()  # (L, shown): each live beam's best by q
 
+    def column(t: torch.Tensor) -> list[float]:  # (L, V) -> the shown candidates, flattened
+        return t.detach().cpu().double().gather(1, top).flatten().tolist()
 
-def _record(step: int, live: list[Beam], computed: StepMath, beams: list[Beam], cost: Cost) -> ZeroCapStepRecord:
-    """A step's record: every live beam's TRACE_TOP best candidates by q."""
-    top = computed.log_q.topk(min(TRACE_TOP, computed.log_q.shape[-1]), dim=-1).indices.cpu()
-
-    def at(t: torch.Tensor) -> list[list[float]]:  # (B, V) -> [beam][candidate]
-        return t.cpu().gather(1, top).tolist()
-
-    def per_beam(ts: list[torch.Tensor]) -> list[list[list[float]]]:  # [iteration](B, V) -> [beam][iteration][cand]
-        return [list(x) for x in zip(*[at(t) for t in ts])] if ts else [[] for _ in live]
-
-    return ZeroCapStepRecord(
-        step=step, beam_ids=[list(b.ids) for b in live], token_ids=top.tolist(), p0=at(computed.log_p0.exp()),
-        p_steered=per_beam([lp.exp() for lp in computed.log_p_steered]), clip_target=per_beam(computed.targets),
-        p_shift=at(computed.log_p_shift.exp()), q=at(computed.log_q.exp()),
-        beams=[Beam(list(b.ids), b.score, b.length, b.finished) for b in beams], cost=cost)
+    became = {tuple(b.ids): i for i, b in enumerate(after) if len(b.ids) == step + 1}
+    token_ids, beam, next_beam, score = [], [], [], []
+    log_q = computed.log_q.cpu().double().gather(1, top)
+    for row, j in enumerate(live):
+        b = before[j]
+        for token, lq in zip(top[row].tolist(), log_q[row].tolist()):
+            token_ids.append(token)
+            beam.append(j)
+            next_beam.append(became.get((*b.ids, token), -1))
+            score.append((b.score + lq) / (b.length + 1))
+    nan = torch.full_like(computed.log_p0, float("nan"))
+    return SearchStep(
+        after, token_ids, column(computed.log_p0.exp()), column(computed.log_p_steered[-1].exp()),
+        column(computed.targets[-1] if computed.targets else nan), column(computed.log_q.exp()), score, beam, next_beam,
+        next_beam.index(0) if 0 in next_beam else 0,
+        [column(lp.exp()) for lp in computed.log_p_steered[:-1]], [column(t) for t in computed.targets])

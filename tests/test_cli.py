@@ -437,7 +437,8 @@ def test_every_registry_decoder_and_alias_is_a_choice(capsys):
     for decoder in DECODERS.values():
         assert decoder.name in help_text and decoder.label in help_text
     for option in ("--k", "--alpha", "--beta", "--p", "--top-p", "--seed", "--max-new-tokens", "--clip-text-max-len",
-                   "--temperature", "--mass", "--num-beams", "--length-penalty"):
+                   "--temperature", "--mass", "--num-beams", "--length-penalty", "--num-iterations", "--stepsize",
+                   "--fusion-factor", "--clip-temperature", "--candidates"):
         assert option in help_text
 
 
@@ -464,6 +465,8 @@ def test_settings_given_are_passed_and_the_rest_left_to_the_preset(fake, folder,
     (["--decoder", "greedy", "--seed", "3"], "--seed: --decoder greedy"),
     (["--decoder", "top-k", "--alpha", "0.1"], "it takes --k, --temperature, --seed"),
     (["--decoder", "beam", "--seed", "1"], "it takes --num-beams, --length-penalty"),
+    (["--decoder", "zerocap", "--beta", "1"], "--beta: --decoder zerocap (ZeroCap) does not take it"),
+    (["--decoder", "zerocap", "--num-iterations", "-1"], "num_iterations must be an integer >= 0; got -1"),
     (["--decoder", "typical", "--temperature", "0"], "temperature must be a number > 0.0 (finite); got 0.0"),
     (["--decoder", "nucleus", "--p", "0"], "p must be a number in (0.0, 1.0]"),
     (["--alpha", "1.5"], "alpha must be a number between 0.0 and 1.0; got 1.5"),
@@ -509,6 +512,25 @@ def test_every_decoder_through_the_real_decoding_code(random_models, folder, tmp
         skipped = json.loads((tmp_path / f"{decoder}.skipped.json").read_text())
         assert sorted([e["image_name"] for e in written] + [s["image_name"] for s in skipped]) == \
             sorted(["img0.png", "img1.png", "img2.png", "img2b.png", "img3.png", "img4.png"]), decoder
+
+
+def test_zerocap_captions_image_by_image_as_zerocap_search_does(random_models, folder, tmp_path, capsys,
+                                                                monkeypatch):
+    """``--decoder zerocap`` runs the real zerocap_search, with the settings given and ZeroCap's own
+    defaults for the rest, and writes what zerocap_search writes for each image on its own."""
+    monkeypatch.setattr(magic_edu, "load_models", lambda preset: random_models, raising=False)
+    out = tmp_path / "z.json"
+    argv = ["caption", str(folder / "img0.png"), str(folder / "img1.png"), "--out", str(out), "--decoder", "zerocap",
+            "--num-iterations", "1", "--candidates", "5", "--num-beams", "2", "--max-new-tokens", "3"]
+    status, _, err = run(argv, capsys)
+    assert status == 0, err
+    written = {e["image_name"]: e["prediction"] for e in load_results(out, require_references=False)}
+    for name in ("img0.png", "img1.png"):
+        image = Image.open(folder / name).convert("RGB")
+        want = magic_edu.zerocap_search(random_models.lm, random_models.clip, image, num_iterations=1,
+                                        candidates=5, num_beams=2, max_new_tokens=3)
+        assert written[name] == want.text
+    assert json.loads((tmp_path / "z.settings.json").read_text())["params"]["fusion_factor"] == 0.99
 
 
 @pytest.mark.slow

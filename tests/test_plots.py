@@ -426,3 +426,24 @@ def test_plot_step_of_a_sampling_trace(tiny_lm):
     ax = plots.plot_step(trace, 0).axes[0]
     np.testing.assert_allclose([b.get_width() for b in container(ax, plots.PROB_LABEL)], trace.steps[0].lm_prob)
     assert "T=1.2" in ax.get_title(loc="left") and "mass=0.5" in ax.get_title(loc="left")
+
+
+# -- ZeroCap ---------------------------------------------------------------------------------------
+def test_plot_step_of_a_zerocap_trace_shows_how_the_distribution_moved(tiny_lm, tiny_clip, image, tmp_path):
+    """Three bars a candidate (p0, p after the gradient steps, q) and a tick at CLIP's target, from the
+    file alone; the other plots take the trace too, or say why not."""
+    gen = Stepper(tiny_lm, "zerocap", clip=tiny_clip, image=image, prompt="a red", num_iterations=2, candidates=6,
+                  num_beams=2, max_new_tokens=3).run()[0]
+    trace = Trace.load(gen.trace.save(tmp_path / "zerocap.json"))
+    record = trace.steps[1]
+    ax = plots.plot_step(trace, 1).axes[0]
+    for column, label, _ in plots.ZEROCAP_BARS:
+        np.testing.assert_allclose([b.get_width() for b in container(ax, label)], getattr(record, column)[:20])
+    np.testing.assert_allclose(line(ax, plots.TARGET_LABEL).get_xdata(), record.clip_score[:20])
+    labels = [t.get_text().lstrip(plots.CHOSEN_MARK) for t in ax.get_yticklabels()]
+    assert all(label.startswith(f"beam {b} + ") for label, b in zip(labels, record.beam))
+    plots.plot_decode(trace, "lm_prob")
+    plots.plot_clip_over_decode(trace)
+    plots.plot_decoders([gen.trace, trace], ["zerocap", "again"])
+    with pytest.raises(MagicEduError, match="records no hidden-state similarities"):
+        plots.plot_degeneration(trace)

@@ -30,7 +30,7 @@ from magic_edu.registry import (
 )
 from magic_edu.tools import cli
 
-ALL_NAMES = ("greedy", "top_k", "nucleus", "typical", "beam", "contrastive", "magic")
+ALL_NAMES = ("greedy", "top_k", "nucleus", "typical", "beam", "contrastive", "magic", "zerocap")
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -59,8 +59,14 @@ def test_unknown_names_are_rejected_naming_the_allowed_ones(name):
 def test_what_each_decoder_is():
     assert candidate_decoders() == ("contrastive", "magic")
     assert [n for n, d in DECODERS.items() if d.samples] == ["top_k", "nucleus", "typical"]
-    assert [n for n, d in DECODERS.items() if d.needs_image] == ["magic"]
+    assert [n for n, d in DECODERS.items() if d.needs_image] == ["magic", "zerocap"]
     assert [n for n, d in DECODERS.items() if d.beams] == ["beam"]
+    assert [n for n, d in DECODERS.items() if d.steers] == ["zerocap"]
+    assert DECODERS["zerocap"].param_names == (
+        "num_iterations", "stepsize", "grad_norm_factor", "ce_scale", "clip_scale", "clip_temperature",
+        "fusion_factor", "end_factor", "forbidden_factor", "repetition_penalty", "candidates", "num_beams")
+    # ZeroCap's num_beams is its own: one beam by default (the MAGIC paper's baseline), never preset
+    assert DECODERS["zerocap"].settings({}, {"num_beams": 7, "k": 3})[0]["num_beams"] == 1
     assert DECODERS["greedy"].param_names == ()
     assert DECODERS["magic"].param_names == ("k", "alpha", "beta", "clip_text_max_len")
     # every sampler takes a temperature; the searches do not
@@ -301,7 +307,8 @@ def test_typical_sampling_and_beam_search_show_up_in_the_widgets(models):
     w.num_beams.value = 3
     w.next_button.click()
     assert "Problem" not in w.message.value and w.trace.settings["num_beams"] == 3
-    assert compared_decoders() == ["greedy", "beam", "contrastive", "magic"]
+    assert compared_decoders() == ["greedy", "beam", "contrastive", "magic"]  # ZeroCap only when asked: slow
+    assert compared_decoders(steered=True) == ["greedy", "beam", "contrastive", "magic", "zerocap"]
     compare = CompareDecoders(models, make_image(1), sampler="typical")
     assert "Problem" not in compare.message.value
     assert list(compare.frame["decoder"]) == ["greedy", "beam", "contrastive", "magic", "typical"]
@@ -336,7 +343,10 @@ def test_typical_sampling_and_beam_search_show_up_in_the_command_line(tmp_path, 
                          (["--decoder", "beam", "--num-beams", "0"], "num_beams must be an integer >= 1; got 0"),
                          (["--decoder", "beam", "--length-penalty", "inf"], "length_penalty must be a finite number"),
                          (["--decoder", "greedy", "--temperature", "0.5"], "--temperature: --decoder greedy"),
-                         (["--decoder", "magic", "--num-beams", "2"], "--num-beams: --decoder magic")):
+                         (["--decoder", "magic", "--num-beams", "2"], "--num-beams: --decoder magic"),
+                         (["--decoder", "zerocap", "--k", "2"], "--k: --decoder zerocap (ZeroCap) does not take it"),
+                         (["--decoder", "zerocap", "--fusion-factor", "2"],
+                          "fusion_factor must be a number between 0.0 and 1.0; got 2.0")):
         assert cli.main([*argv, "--out", str(tmp_path / "x.json"), *bad]) == 2
         assert message in capsys.readouterr().err
     assert len(calls) == 2

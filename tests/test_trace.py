@@ -150,8 +150,8 @@ def test_the_sampling_and_beam_columns_round_trip(tmp_path):
     for name in ("sample_prob", "hypothesis_score"):
         assert same_floats(getattr(loaded.steps[1], name), getattr(trace.steps[1], name))
     frame = loaded.to_frame()
-    assert list(frame.columns[-13:-7]) == ["sample_prob", "beam", "next_beam", "hypothesis_score", "chosen",
-                                           "forced"]
+    assert list(frame.columns[-15:-7]) == ["sample_prob", "beam", "next_beam", "hypothesis_score", "steered_prob",
+                                           "fused_prob", "chosen", "forced"]
     assert list(frame["next_beam"]) == [0, -1, 1] * 2 and frame["hypothesis_score"].isna().sum() == 4
     assert loaded.to_frame().equals(trace.to_frame())
 
@@ -171,7 +171,39 @@ def test_a_version_1_file_loads_without_the_sampling_and_beam_columns(tmp_path):
     assert loaded.steps[0].beam == [-1] * 3 and loaded.steps[0].next_beam == [-1] * 3
     assert all(math.isnan(x) for x in loaded.steps[0].sample_prob + loaded.steps[0].hypothesis_score)
     assert loaded.to_frame().equals(make_trace().to_frame())
-    assert FORMAT_VERSION == 3 and make_trace().to_dict()["version"] == 3
+    assert FORMAT_VERSION == 4 and make_trace().to_dict()["version"] == 4
+
+
+def test_a_version_3_file_loads_without_zerocaps_columns(tmp_path):
+    """Files written before ZeroCap's columns existed (version 3) load: steered_prob and fused_prob read
+    NaN, the per-iteration lists empty, as for a decoder that does not compute them."""
+    data = make_trace().to_dict()
+    data["version"] = 3
+    for step in data["steps"]:
+        for name in ("steered_prob", "fused_prob", "iteration_probs", "iteration_targets"):
+            del step[name]
+    path = tmp_path / "v3.json"
+    path.write_text(json.dumps(data))
+    loaded = Trace.load(path)
+    assert all(math.isnan(x) for x in loaded.steps[0].steered_prob + loaded.steps[0].fused_prob)
+    assert loaded.steps[0].iteration_probs == [] and loaded.steps[0].iteration_targets == []
+    assert loaded.to_frame().equals(make_trace().to_frame())
+
+
+def test_zerocaps_per_iteration_lists_are_saved_and_checked(tmp_path):
+    trace = make_trace()
+    trace.steps[0].iteration_probs = [[0.5, 0.25, None], [0.6, 0.2, 0.1]]
+    trace.steps[0].iteration_targets = [[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]]
+    loaded = Trace.load(trace.save(tmp_path / "t.json"))
+    assert loaded.steps[0].iteration_targets == [[1.0, 0.0, 0.0], [0.9, 0.1, 0.0]]
+    assert loaded.steps[0].iteration_probs[1] == [0.6, 0.2, 0.1] and math.isnan(loaded.steps[0].iteration_probs[0][2])
+    data = trace.to_dict()
+    data["steps"][0]["iteration_probs"] = [[0.5, 0.5]]  # 2 values, 3 candidates
+    with pytest.raises(MagicEduError, match="every list in 'iteration_probs' must have one entry per candidate"):
+        Trace.from_dict(json.loads(json.dumps(data, allow_nan=True)))
+    data["steps"][0]["iteration_probs"] = 0.5
+    with pytest.raises(MagicEduError, match="'iteration_probs' must be a list of lists"):
+        Trace.from_dict(data)
 
 
 def test_a_missing_file_is_an_error():

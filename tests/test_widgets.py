@@ -218,6 +218,33 @@ def test_settings_redecode_to_the_same_step(models, image):
     assert not w.seed.disabled and not w.k.disabled
 
 
+def test_step_through_shows_zerocaps_distributions_and_beams(models, image):
+    w = StepThrough(models, image, decoder="zerocap")
+    assert {n for n, c in w.controls.items() if not c.disabled} == set(DECODERS["zerocap"].param_names)
+    w.num_iterations.value, w.candidates.value, w.num_beams.value = 1, 6, 2
+    for _ in range(2):
+        w.next_button.click()
+    no_error(w)
+    record, stepper = w.shown_record(), w.stepper
+    assert w.trace.settings["num_iterations"] == 1 and w.trace.settings["num_beams"] == 2
+    rows = visible_rows(w)
+    assert len(rows) == record.k == 20 and "CLIP target" in w.header.value
+    for i, row in enumerate(rows):  # p0, p steered, CLIP's target, q, and what became of it
+        for column in ("lm_prob", "steered_prob", "clip_score", "fused_prob"):
+            assert f"{getattr(record, column)[i]:.3f}" in row.cells.value
+        fate = f"→ beam {record.next_beam[i]}" if record.next_beam[i] >= 0 else "dropped"
+        assert f"beam {record.beam[i]} + " in row.cells.value and fate in row.cells.value
+        assert row.force.disabled
+    assert w.text_view.value.count("Σ log q") == len(stepper.beams()) == 2
+    assert bytes(w.plot.value).startswith(PNG)
+    w.force(1)
+    assert "not meaningful for ZeroCap" in w.message.value and len(w.trace.steps) == 2
+    w.back_button.click()
+    no_error(w)
+    assert len(w.trace.steps) == 1 and w.stepper.step_index == 1
+    assert isinstance(w.snapshot(), Figure)
+
+
 def test_the_decoders_and_their_controls_come_from_the_registry(models, image):
     w = StepThrough(models, image, decoder="top-k")  # an alias names the decoder too
     assert w.decoder.value == "top_k"
@@ -309,11 +336,24 @@ def test_step_through_snapshot_is_a_static_figure(models, image):
 
 
 # -- CompareDecoders -------------------------------------------------------------------------
+def test_compare_decoders_runs_zerocap_when_asked(tiny_lm, tiny_clip, image):
+    models = ModelSet(name="tiny", kind="caption", lm=tiny_lm, clip=tiny_clip,
+                      defaults={"k": 5, "alpha": 0.3, "beta": 1.0, "max_new_tokens": 3})
+    w = CompareDecoders(models, image, zerocap=True)
+    no_error(w)
+    assert list(w.frame["decoder"]) == ["greedy", "beam", "contrastive", "magic", "zerocap", "top_k"]
+    settings = {n: w.controls[n].value for n in DECODERS["zerocap"].param_names}
+    want = Stepper(tiny_lm, "zerocap", clip=tiny_clip, image=image, max_new_tokens=3, **settings).run()[0]
+    assert w.generations["zerocap"].token_ids == want.token_ids and "zerocap" in w.table.value
+    with pytest.raises(MagicEduError, match="zerocap must be True or False"):
+        CompareDecoders(models, image, zerocap="yes")
+
+
 def test_compare_decoders_side_by_side(models, image):
     w = CompareDecoders(models, image)
     no_error(w)
     frame = w.frame
-    assert list(frame["decoder"]) == ["greedy", "beam", "contrastive", "magic", "top_k"]
+    assert list(frame["decoder"]) == ["greedy", "beam", "contrastive", "magic", "top_k"]  # ZeroCap: when asked
     gens = w.generations
     assert w.divergence == analysis.divergence_step([gens[n].token_ids for n in ("greedy", "beam", "contrastive",
                                                                                  "magic")])

@@ -1,10 +1,14 @@
-"""ZeroCap (magic_edu.zerocap) against slow, written-out versions: one step for one beam with plain
-loops and autograd, beam search over the fused distribution when nothing is steered, greedy
-search when nothing is fused; the weights stay frozen, the cost counts the backward passes,
-bad settings are refused, and the toy world gets a caption."""
+"""ZeroCap (magic_edu.zerocap, run by the Stepper and zerocap_search) against slow, written-out
+versions: one step for one beam with plain loops and autograd, beam search over the fused
+distribution when nothing is steered, greedy search when nothing is fused; the Stepper's trace
+holds the written-out step's distributions, Back and a step again replay it bit for bit; the
+weights stay frozen, the cost counts the backward passes, bad settings are refused, and the toy
+world gets a caption."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import time
 
@@ -13,8 +17,9 @@ import torch
 from transformers import DynamicCache
 
 import magic_edu
-from magic_edu import MagicEduError, greedy_search
-from magic_edu.zerocap import PARAMS, ZeroCapSettings, select_beams, zerocap_search, zerocap_step
+from magic_edu import MagicEduError, Stepper, greedy_search, zerocap_search
+from magic_edu.registry import DECODERS
+from magic_edu.zerocap import PARAMS, ZeroCapSettings, select_beams, zerocap_step
 
 from conftest import make_image
 
@@ -47,8 +52,9 @@ def _forward_last(lm, row: list[int], context: list[list[torch.Tensor]]) -> torc
 
 
 def reference_step(lm, clip, image_embedding, row: list[int], step: int, s: ZeroCapSettings, end: int,
-                   forbidden: list[int]) -> torch.Tensor:
-    """q of one ZeroCap step for one beam: no batching, no cache tricks, a loop per layer."""
+                   forbidden: list[int]) -> dict[str, torch.Tensor]:
+    """One ZeroCap step for one beam: no batching, no cache tricks, a loop per layer. Returns p0,
+    p (after the last iteration), the last iteration's CLIP target and q, each (V,)."""
     ids = torch.tensor([row])
     with torch.no_grad():
         p0 = torch.softmax(lm.model(ids).logits[0, -1].double(), dim=-1)  # a forward without cache
@@ -74,6 +80,7 @@ def reference_step(lm, clip, image_embedding, row: list[int], step: int, s: Zero
         target = torch.zeros(vocab, dtype=torch.float64)
         for v, w in zip(order, weights):
             target[v] = w / sum(weights)
+        last_target = target
         clip_loss = -(target * p.log()).sum()
         kl = (p * p.log() - p * p0.log()).sum()
         loss = s.clip_scale * clip_loss + s.ce_scale * kl
@@ -85,10 +92,11 @@ def reference_step(lm, clip, image_embedding, row: list[int], step: int, s: Zero
                 delta[i][j] = layer[j].detach() - s.stepsize * g / (g.norm() + 1e-15) ** s.grad_norm_factor
     with torch.no_grad():
         shifted = [[c + d for c, d in zip(cl, dl)] for cl, dl in zip(context, delta)]
-        logits = _special(_forward_last(lm, row, shifted), row, step, end, s, forbidden)
+        steered = _forward_last(lm, row, shifted)
+        logits = _special(steered, row, step, end, s, forbidden)
     p_shift = torch.softmax(logits, dim=-1)
     q = p_shift**s.fusion_factor * p0 ** (1 - s.fusion_factor)
-    return q / q.sum()
+    return {"p0": p0, "p": torch.softmax(steered, dim=-1), "target": last_target, "q": q / q.sum()}
 
 
 @pytest.mark.parametrize("step, candidates", [(0, 10_000), (2, 7)])
@@ -104,7 +112,7 @@ def test_a_step_matches_the_written_out_step(tiny_lm64, tiny_clip64, step, candi
     fast = zerocap_step(lm, clip, image, rows, step, s, end, forbidden)
     assert len(fast.log_p_steered) == 4 and len(fast.targets) == 3
     for b, row in enumerate(rows):
-        want = reference_step(lm, clip, image, row, step, s, end, forbidden)
+        want = reference_step(lm, clip, image, row, step, s, end, forbidden)["q"]
         torch.testing.assert_close(fast.log_q[b].exp(), want, rtol=1e-9, atol=1e-12)
     # steering moved the distribution away from p0
     assert (fast.log_p_steered[-1] - fast.log_p0).abs().max() > 1e-3
@@ -158,14 +166,21 @@ def test_without_steering_it_is_beam_search_over_the_fused_distribution(tiny_lm6
                                                                          fusion_factor, end_factor):
     lm, clip = tiny_lm64, tiny_clip64
     clip_before = clip.cost.copy()
+    stepper = Stepper(lm, "zerocap", clip=clip, image=make_image(1), prompt=PROMPT, num_iterations=0,
+                      num_beams=num_beams, fusion_factor=fusion_factor, end_factor=end_factor, max_new_tokens=6)
+    finished_and_live = False
+    while not stepper.done:
+        stepper.step()
+        finished_and_live |= len({ids[-1] == lm.eos_token_id for ids, _ in stepper.beams()}) == 2
+    s = ZeroCapSettings(num_iterations=0, num_beams=num_beams, fusion_factor=fusion_factor, end_factor=end_factor)
+    want = reference_beam_search(lm, lm.prefix_ids(PROMPT), s, lm.eos_token_id, 6)
+    assert stepper.token_ids() == want
     out = zerocap_search(lm, clip, make_image(1), prompt=PROMPT, num_iterations=0, num_beams=num_beams,
                          fusion_factor=fusion_factor, end_factor=end_factor, max_new_tokens=6)
-    s = ZeroCapSettings(num_iterations=0, num_beams=num_beams, fusion_factor=fusion_factor, end_factor=end_factor)
-    assert out.token_ids == reference_beam_search(lm, lm.prefix_ids(PROMPT), s, lm.eos_token_id, 6)
+    assert out.token_ids == want and out.text == lm.output_text(want)
     assert (clip.cost - clip_before).clip_texts == 0  # CLIP only embedded the image
-    assert sum(r.cost.lm_backwards for r in out.steps) == 0
-    if num_beams > 1:  # a finished beam went on next to live ones
-        assert any(len({b.finished for b in r.beams}) == 2 for r in out.steps)
+    assert sum(r.cost.lm_backwards for r in out.trace) == 0
+    assert finished_and_live == (num_beams > 1)  # a finished beam went on next to live ones
 
 
 def test_beam_bookkeeping_on_a_hand_made_distribution():
@@ -183,8 +198,11 @@ def test_a_prefix_of_one_id_is_not_steered_at_the_first_step(tiny_lm, tiny_clip)
     out = zerocap_search(tiny_lm, tiny_clip, make_image(0), prompt=None, num_iterations=2, candidates=3,
                          max_new_tokens=3, end_factor=0.01)
     assert tiny_lm.prefix_ids(None) == [tiny_lm.sos_token_id]
-    assert [r.cost.lm_backwards for r in out.steps] == [0, 2, 2]
-    assert out.steps[0].clip_target == [[]] and len(out.steps[1].clip_target[0]) == 2
+    steps = out.trace.steps
+    assert [r.cost.lm_backwards for r in steps] == [0, 2, 2]
+    assert steps[0].iteration_targets == [] and all(math.isnan(x) for x in steps[0].clip_score)
+    assert len(steps[1].iteration_targets) == 2 and len(steps[1].iteration_probs) == 2
+    assert steps[0].steered_prob == steps[0].lm_prob  # nothing steered: p = p0
 
 
 def test_without_fusion_it_is_greedy_search(tiny_lm, tiny_clip):
@@ -192,7 +210,8 @@ def test_without_fusion_it_is_greedy_search(tiny_lm, tiny_clip):
     out = zerocap_search(tiny_lm, tiny_clip, make_image(2), prompt=PROMPT, num_iterations=1, candidates=5,
                          fusion_factor=0.0, max_new_tokens=8)
     assert out.token_ids == greedy_search(tiny_lm, prompt=PROMPT, max_new_tokens=8).token_ids
-    assert all(r.cost.lm_backwards == 1 for r in out.steps)
+    assert all(r.cost.lm_backwards == 1 for r in out.trace)
+    assert out.trace.steps[0].fused_prob == out.trace.steps[0].lm_prob  # q = p0
 
 
 @pytest.mark.parametrize("name, bad", [
@@ -206,19 +225,27 @@ def test_bad_settings_name_the_argument(tiny_lm, tiny_clip, name, bad):
         zerocap_search(tiny_lm, tiny_clip, make_image(0), **{name: bad})
 
 
-def test_bad_tokens_name_the_argument(tiny_lm, tiny_clip):
+def test_bad_tokens_and_images_name_the_argument(tiny_lm, tiny_clip):
     top = tiny_lm.vocab_size - 1
-    with pytest.raises(MagicEduError, match=f"^end_token must be an integer between 0 and {top}"):
-        zerocap_search(tiny_lm, tiny_clip, make_image(0), end_token=top + 1)
     with pytest.raises(MagicEduError, match=f"^forbidden_tokens must be an integer between 0 and {top}"):
         zerocap_search(tiny_lm, tiny_clip, make_image(0), forbidden_tokens=[3, -1])
-    with pytest.raises(MagicEduError, match="^image: ZeroCap captions one image at a time"):
-        zerocap_search(tiny_lm, tiny_clip, [make_image(0), make_image(1)])
+    with pytest.raises(MagicEduError, match="^forbidden_tokens must be a list of token ids"):
+        zerocap_search(tiny_lm, tiny_clip, make_image(0), forbidden_tokens=3)
+    with pytest.raises(MagicEduError, match="^forbidden_tokens: MAGIC search has no forbidden tokens"):
+        Stepper(tiny_lm, "magic", clip=tiny_clip, image=make_image(0), forbidden_tokens=[3])
+    with pytest.raises(MagicEduError, match="^image: a ZeroCap Stepper captions one image; got a list of 2"):
+        Stepper(tiny_lm, "zerocap", clip=tiny_clip, image=[make_image(0), make_image(1)])
+    with pytest.raises(MagicEduError, match="^image: the list of images is empty"):
+        zerocap_search(tiny_lm, tiny_clip, [])
+    with pytest.raises(MagicEduError, match="^ZeroCap needs clip="):
+        Stepper(tiny_lm, "zerocap")
 
 
 def test_every_parameter_has_its_setting():
+    assert PARAMS is DECODERS["zerocap"].params
     assert [p.name for p in PARAMS] == list(ZeroCapSettings.__dataclass_fields__)
     assert all(getattr(ZeroCapSettings(), p.name) == p.default for p in PARAMS)
+    assert not any(p.from_preset for p in PARAMS)  # the presets' k, alpha, beta are MAGIC's
 
 
 def test_the_toy_world_gets_a_caption():
@@ -232,7 +259,86 @@ def test_the_toy_world_gets_a_caption():
     assert isinstance(out.text, str) and out.text and out.token_ids
     assert seconds < 120
     assert all(p.grad is None for p in models.lm.model.parameters())
-    record = out.steps[1]
-    assert len(record.p_steered[0]) == 6 and len(record.clip_target[0]) == 5  # 5 iterations + the final p
-    assert abs(sum(out.steps[0].q[0]) - 1) < 1 and record.cost.lm_backwards == 5
-    assert out.beams[0].ids == out.token_ids
+    record = out.trace.steps[1]
+    assert len(record.iteration_probs) == 5 and len(record.iteration_targets) == 5  # 5 iterations
+    assert 0 < sum(out.trace.steps[0].fused_prob) <= 1 + 1e-9 and record.cost.lm_backwards == 5
+    assert out.trace.settings["decoder"] == "zerocap" and out.trace.settings["prompt"] == "Image of a"
+
+
+# -- the Stepper ---------------------------------------------------------------------------------
+def test_the_steppers_trace_holds_the_written_out_steps_distributions(tiny_lm64, tiny_clip64):
+    """Every shown candidate of every live beam: lm_prob = p0, steered_prob = p after the last
+    iteration, clip_score = the last target, fused_prob = q, all from reference_step; score ranks the
+    beams ((summed log q + log q(v)) / new length), and the candidate that became beam 0 is chosen."""
+    lm, clip = tiny_lm64, tiny_clip64
+    image = make_image(4)
+    settings = dict(num_iterations=2, candidates=9, num_beams=2, stepsize=0.5, end_factor=0.02)
+    stepper = Stepper(lm, "zerocap", clip=clip, image=image, prompt=PROMPT, max_new_tokens=3, **settings)
+    s = ZeroCapSettings(**settings)
+    embedding = clip.embed_image(image)
+    prefix = lm.prefix_ids(PROMPT)
+    for step in range(3):
+        before = stepper.beams()
+        record = stepper.step()
+        assert record.step == step and record.cost.lm_backwards == 2 * len({*record.beam})
+        assert len(record.iteration_probs) == 2 and len(record.iteration_targets) == 2
+        for j in sorted({*record.beam}):
+            ids, summed = before[j]
+            want = reference_step(lm, clip, embedding, prefix + ids, step, s, lm.eos_token_id, [])
+            mine = [i for i, b in enumerate(record.beam) if b == j]
+            assert len(mine) == 10
+            tokens = [record.token_ids[i] for i in mine]
+            assert tokens == want["q"].topk(10).indices.tolist()
+            for column, name in (("lm_prob", "p0"), ("steered_prob", "p"), ("clip_score", "target"),
+                                 ("fused_prob", "q")):
+                got = torch.tensor([getattr(record, column)[i] for i in mine], dtype=torch.float64)
+                torch.testing.assert_close(got, want[name][tokens], rtol=1e-9, atol=1e-12)
+            score = torch.tensor([record.score[i] for i in mine], dtype=torch.float64)
+            torch.testing.assert_close(score, (summed + want["q"][tokens].log()) / (len(ids) + 1), rtol=1e-9,
+                                       atol=1e-12)
+        after = stepper.beams()
+        for i, b in enumerate(record.next_beam):
+            if b >= 0:
+                assert after[b][0] == before[record.beam[i]][0] + [record.token_ids[i]]
+        assert record.next_beam[record.chosen] in (0, -1) and stepper.token_ids() == after[0][0]
+    frame = stepper.generation().trace.to_frame()
+    assert frame["fused_prob"].notna().all() and frame["sample_prob"].isna().all()
+
+
+def test_back_and_step_again_replay_the_record_bit_for_bit(tiny_lm, tiny_clip):
+    stepper = Stepper(tiny_lm, "zerocap", clip=tiny_clip, image=make_image(5), prompt=PROMPT, num_iterations=2,
+                      candidates=6, num_beams=2, max_new_tokens=4, end_factor=0.5)
+    for _ in range(3):
+        stepper.step()
+    first, beams = list(stepper.traces[0].steps), stepper.beams()
+
+    def same(a, b) -> bool:
+        a, b = dataclasses.asdict(a), dataclasses.asdict(b)
+        a["cost"].pop("seconds"), b["cost"].pop("seconds")
+        return json.dumps(a) == json.dumps(b)  # NaN == NaN, and floats to the last bit
+
+    stepper.back()
+    stepper.back()
+    assert stepper.step_index == 1 and len(stepper.traces[0].steps) == 1
+    assert len(stepper.beams()) == 2 and all(len(ids) == 1 for ids, _ in stepper.beams())
+    for _ in range(2):
+        stepper.step()
+    assert stepper.beams() == beams
+    assert all(same(a, b) for a, b in zip(first, stepper.traces[0].steps))
+    stepper.reset()
+    assert stepper.token_ids() == [] and stepper.beams() == [([], 0.0)]
+    with pytest.raises(MagicEduError, match="^force: forcing a token is not meaningful for ZeroCap"):
+        stepper.step(force=first[0].token_ids[1])
+    assert all(p.grad is None for p in tiny_lm.model.parameters())
+
+
+def test_without_stop_at_eos_no_beam_finishes_and_a_list_of_images_is_captioned_one_by_one(tiny_lm, tiny_clip):
+    images = [make_image(0), make_image(1)]
+    settings = dict(prompt=PROMPT, num_iterations=1, candidates=4, num_beams=2, max_new_tokens=4, end_factor=0.01)
+    endless = zerocap_search(tiny_lm, tiny_clip, images[0], stop_at_eos=False, **settings)
+    assert len(endless.trace) == 4 and len(endless.token_ids) == 4
+    assert all(b == -1 or b < 2 for r in endless.trace for b in r.next_beam)
+    gens = zerocap_search(tiny_lm, tiny_clip, images, record=False, **settings)
+    assert [g.token_ids for g in gens] == [zerocap_search(tiny_lm, tiny_clip, im, **settings).token_ids
+                                           for im in images]
+    assert all(len(g.trace) == 0 for g in gens)  # nothing recorded

@@ -72,6 +72,11 @@ CLIP_LABEL = "β · CLIP score"
 TOTAL_LABEL = "total score"
 CHOSEN_LABEL = "chosen"
 PATH_LABEL = "chosen path"
+# ZeroCap's bars, top to bottom in a row: the trace column, its label, its style
+ZEROCAP_BARS = (("lm_prob", "p0(v): the LM alone", LM_STYLE),
+                ("steered_prob", "p(v): after the gradient steps", {"color": OKABE_ITO["green"], "hatch": "..."}),
+                ("fused_prob", "q(v): fused, what the beams take", {"color": OKABE_ITO["orange"], "hatch": ""}))
+TARGET_LABEL = "CLIP's target"
 FORCED_LABEL = "forced by hand"
 PENALTY_PAIR_LABEL = "most similar earlier position (gives the penalty)"
 
@@ -167,13 +172,17 @@ def plot_step(trace: TraceLike, step: int = -1, *, ax: Axes | None = None, max_c
     Contrastive / MAGIC: each bar is split into (1 - alpha) p(v|x) (plain), - alpha penalty
     (hatched ///, to the left of 0) and beta CLIP score (dotted ...); a diamond marks the total.
     Greedy / sampling: one bar of p(v|x). Beam search: one bar of p(v | its beam) per candidate,
-    labelled with the beam it extends. The chosen candidate's row is shaded, outlined and
+    labelled with the beam it extends. ZeroCap: three thin bars per candidate (labelled with its
+    beam), p0 (the LM alone), p after the gradient steps and the fused q, and a tick at CLIP's
+    target, to see where the steps moved the distribution. The chosen candidate's row is shaded, outlined and
     labelled with ▶ (and "forced" when it was forced by hand).
     """
     trace = as_trace(trace)
     index = _step_index(trace, step)
     record, parts = trace.steps[index], score_parts(trace, index)
-    beams = is_beam_trace(trace)
+    decoder = trace_decoder(trace)
+    steered = decoder is not None and decoder.steers
+    beams = is_beam_trace(trace) or steered
     rows = _shown_rows(record, parts["score"], max_candidates)
     labels = []
     for r in rows:
@@ -205,6 +214,19 @@ def plot_step(trace: TraceLike, step: int = -1, *, ax: Axes | None = None, max_c
             ax.annotate(f"{total:+.3f}", (total, yi), xytext=(7, 0), textcoords="offset points", va="center",
                         fontsize=8)
         ax.set_xlabel("contribution to the score  (score = sum of the parts)")
+    elif steered:
+        height = 0.8 / len(ZEROCAP_BARS)
+        for j, (column, label, style) in enumerate(ZEROCAP_BARS):
+            widths[column] = np.asarray(getattr(record, column), dtype=float)[rows]
+            ax.barh(y + (j - 1) * height, widths[column], height=height, edgecolor=edge, linewidth=lw, label=label,
+                    **style)
+        target = np.asarray(record.clip_score, dtype=float)[rows]  # NaN where nothing was steered: no tick
+        ax.plot(target, y, linestyle="none", marker="|", markersize=14, markeredgewidth=2.5,
+                color=OKABE_ITO["vermillion"], label=TARGET_LABEL, zorder=4)
+        # the axis limits below read lm + clip and score: the largest value drawn, zeros
+        widths["lm"] = np.nanmax([widths[c] for c, _, _ in ZEROCAP_BARS] + [np.nan_to_num(target)], axis=0)
+        widths["clip"] = widths["score"] = np.zeros(len(rows))
+        ax.set_xlabel("probability of v  (beams are ranked by Σ log q / length)")
     else:
         ax.barh(y, widths["lm"], edgecolor=edge, linewidth=lw, label=PROB_LABEL, **LM_STYLE)
         for yi, p in zip(y, widths["lm"]):

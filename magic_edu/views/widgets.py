@@ -26,7 +26,7 @@ import ipywidgets as W
 import pandas as pd
 from PIL import Image
 
-from ..decoding import NO_FORCING_BEAMS, Stepper
+from ..decoding import NO_FORCING_BEAMS, NO_FORCING_ZEROCAP, Stepper
 from ..errors import MagicEduError
 from ..photos import list_sample_photos, load_sample_photo, load_user_image
 from ..presets import ModelSet
@@ -244,9 +244,11 @@ def _enable(controls: dict[str, W.Widget], decoders: Sequence[Decoder]) -> None:
         control.disabled = name not in used
 
 
-def compared_decoders() -> list[str]:
-    """The decoders :class:`CompareDecoders` always runs: every registry decoder that does not sample."""
-    return [d.name for d in DECODERS.values() if not d.samples]
+def compared_decoders(steered: bool = False) -> list[str]:
+    """The decoders :class:`CompareDecoders` always runs: every registry decoder that does not sample
+    and, with ``steered``, those that steer the LM with gradient steps (ZeroCap: slow, left out
+    unless asked for)."""
+    return [d.name for d in DECODERS.values() if not d.samples and (steered or not d.steers)]
 
 
 def sampling_decoders() -> list[Decoder]:
@@ -349,6 +351,10 @@ SAMPLING_CELLS = {"rank": ("3em", "right"), "token": ("9em", "left"), "p(v|x)": 
                   "filtered p": ("6em", "right"), "": ("6em", "left")}  # filtered p: what the draw uses
 BEAM_CELLS = {"rank": ("3em", "right"), "beam + token": ("11em", "left"), "p(v|beam)": ("5.5em", "right"),
               "Σ log p": ("5.5em", "right"), "finished": ("5.5em", "right"), "": ("7em", "left")}
+# ZeroCap: p0 (no steering), p after the gradient steps, CLIP's target, the fused q
+ZEROCAP_CELLS = {"rank": ("3em", "right"), "beam + token": ("11em", "left"), "p0": ("5em", "right"),
+                 "p steered": ("5.5em", "right"), "CLIP target": ("6em", "right"), "q": ("5em", "right"),
+                 "": ("7em", "left")}
 
 
 def _cells(values: Sequence[str], bold: bool = False, background: str = "", columns: dict | None = None) -> str:
@@ -468,8 +474,8 @@ class StepThrough(W.VBox):
         """Take the shown step's candidate ``index`` (0 = most probable) instead of the decoder's
         choice, and go on from there: as far as the decode had gone (to the end if it had ended)."""
         stepper, record = self._need_stepper(), self.shown_record()
-        if stepper.spec.beams:
-            raise MagicEduError(NO_FORCING_BEAMS)
+        if stepper.spec.beams or stepper.spec.steers:
+            raise MagicEduError(NO_FORCING_BEAMS if stepper.spec.beams else NO_FORCING_ZEROCAP)
         if record is None:
             raise MagicEduError("force: take a first step (Next) to see candidates to force")
         if not 0 <= index < record.k:
@@ -571,7 +577,7 @@ class StepThrough(W.VBox):
     def _text_html(self) -> str:
         stepper, trace = self.stepper, self.trace
         prefix = "".join(chip(t, PREFIX) for t in trace.prefix_tokens)
-        if stepper.spec.beams:
+        if stepper.spec.beams or stepper.spec.steers:
             return self._beams_html(prefix)
         tokens = []
         for i, s in enumerate(trace.steps):
@@ -594,17 +600,19 @@ class StepThrough(W.VBox):
                 f"<div><b>Output:</b> “{output}” &nbsp; <span style='color:#555'>{status}</span></div>")
 
     def _beams_html(self, prefix: str) -> str:
-        """Beam search: the best beam's tokens (the result once the search has stopped), then every
-        beam and every finished hypothesis with its score."""
+        """Beam search and ZeroCap: the best beam's tokens (beam search: the result once the search
+        has stopped), then every beam and every finished hypothesis with its score."""
         stepper, lm = self.stepper, self.models.lm
         tokens = "".join(chip(t) for t in lm.token_texts(stepper.token_ids()))
+        result, summed = ("the best beam by Σ log q / length", "Σ log q") if stepper.spec.steers else \
+            ("the best finished hypothesis", "Σ log p")
         if not stepper.step_index:
             status = "No step yet: press <b>Next</b>."
         elif stepper.done:
-            status = f"The search stopped after {stepper.step_index} steps; the result is the best finished hypothesis."
+            status = f"The search stopped after {stepper.step_index} steps; the result is {result}."
         else:
             status = f"{stepper.step_index} of at most {stepper.max_new_tokens} steps; shown: the best beam."
-        lines = [f"beam {j}: “{html.escape(lm.output_text(ids))}” &nbsp; Σ log p = {log_p:.3f}"
+        lines = [f"beam {j}: “{html.escape(lm.output_text(ids))}” &nbsp; {summed} = {log_p:.3f}"
                  for j, (ids, log_p) in enumerate(stepper.beams())]
         lines += [f"finished: “{html.escape(lm.output_text(ids))}” &nbsp; score = {score:.3f}"
                   for ids, score in stepper.hypotheses()]
@@ -617,6 +625,9 @@ class StepThrough(W.VBox):
     def _render_table(self, record: StepRecord | None) -> None:
         if self.stepper is not None and self.stepper.spec.beams:
             self._render_beam_table(record)
+            return
+        if self.stepper is not None and self.stepper.spec.steers:
+            self._render_zerocap_table(record)
             return
         samples = self.stepper is not None and self.stepper.spec.samples
         self.header.value = _cells(list(SAMPLING_CELLS if samples else CELLS), bold=True,
@@ -675,6 +686,35 @@ class StepThrough(W.VBox):
             row.cells.value = _cells([f"#{i + 1}", token, _fmt(record.lm_prob[i]), _fmt(record.score[i]),
                                       _fmt(finished), fate], bold=beam == 0,
                                      background="#FBF3B5" if beam == 0 else "", columns=BEAM_CELLS)
+            row.force.disabled = True
+            row.force.description = "–"
+
+    def _render_zerocap_table(self, record: StepRecord | None) -> None:
+        """ZeroCap's candidates: every live beam's best tokens by q, with p0 (the LM alone), p after
+        the gradient steps, CLIP's target and q, and what became of each. Nothing to force."""
+        self.header.value = _cells(list(ZEROCAP_CELLS), bold=True, columns=ZEROCAP_CELLS)
+        k = record.k if record is not None else 0
+        while len(self.rows) < k:
+            row = CandidateRow(len(self.rows), self.force)
+            self.rows.append(row)
+            self.table.children = self.table.children + (row,)
+        if record is None:
+            self.table_title.value = "<i>Every beam's best tokens by the fused q appear here, step by step.</i>"
+        else:
+            self.table_title.value = (f"<b>Step {record.step}</b>: each beam's best tokens by q. The gradient steps "
+                                      "move p0 to p, towards CLIP's target; q fuses p (special tokens adjusted) "
+                                      "with p0. The beams advance at once: there is nothing to force.")
+        for i, row in enumerate(self.rows):
+            row.layout.display = None if i < k else "none"
+            if i >= k:
+                continue
+            beam = record.next_beam[i]
+            token = f"beam {record.beam[i]} + {html.escape(analysis.token_label(record.tokens[i]))}"
+            values = [f"#{i + 1}", token, *(_fmt(getattr(record, name)[i]) for name in
+                                            ("lm_prob", "steered_prob", "clip_score", "fused_prob")),
+                      f"→ beam {beam}" if beam >= 0 else "dropped"]
+            row.cells.value = _cells(values, bold=beam == 0, background="#FBF3B5" if beam == 0 else "",
+                                     columns=ZEROCAP_CELLS)
             row.force.disabled = True
             row.force.description = "–"
 
@@ -745,14 +785,20 @@ class CompareDecoders(W.VBox):
     is left out: it is random); ``leaves[name]`` is the step where a decoder leaves greedy's path.
     The decoders share one control per parameter: contrastive search uses MAGIC's k and alpha,
     so the two differ only by CLIP (beta).
+
+    ZeroCap is left out unless ``zerocap=True``: it takes gradient steps at every token, seconds
+    where the others take milliseconds. It then shares beam search's num_beams control.
     """
 
-    def __init__(self, models: ModelSet, image: Any = None, *, sampler: str = "top_k", seed: int = 0) -> None:
+    def __init__(self, models: ModelSet, image: Any = None, *, sampler: str = "top_k", seed: int = 0,
+                 zerocap: bool = False) -> None:
         samplers = sampling_decoders()
         chosen = get_decoder(sampler)
         if not chosen.samples:
             raise MagicEduError(f"sampler must be one of {', '.join(d.name for d in samplers)}; got {sampler!r}")
-        self.models = models
+        if not isinstance(zerocap, bool):
+            raise MagicEduError(f"zerocap must be True or False; got {zerocap!r}")
+        self.models, self.zerocap = models, zerocap
         self.picker = ImagePicker(models)
         if image is not None:
             self.picker.set_image(image)
@@ -788,7 +834,7 @@ class CompareDecoders(W.VBox):
     @property
     def names(self) -> list[str]:
         """The decoders compared: every registry decoder that does not sample, then the sampler chosen."""
-        return [*compared_decoders(), self.sampler.value]
+        return [*compared_decoders(self.zerocap), self.sampler.value]
 
     @guarded
     def compare(self) -> None:
@@ -801,7 +847,7 @@ class CompareDecoders(W.VBox):
         gens = {d.name: Stepper(models.lm, d.name, prompt=prompt, max_new_tokens=self.length.value,
                                 **_decoder_kwargs(d, self.controls, models, image)).run()[0] for d in decoders}
         self.generations = gens
-        compared = compared_decoders()
+        compared = compared_decoders(self.zerocap)
         self.divergence = analysis.divergence_step([gens[name].token_ids for name in compared])
         self.leaves = {name: analysis.divergence_step([gens[REFERENCE].token_ids, g.token_ids])
                        for name, g in gens.items() if name != REFERENCE}
@@ -810,7 +856,7 @@ class CompareDecoders(W.VBox):
 
     def _render(self) -> None:
         split, gens = self.divergence, self.generations
-        compared = compared_decoders()
+        compared = compared_decoders(self.zerocap)
         three = ", ".join(compared)
         if split is None:
             summary = f"{three} wrote the same tokens."
