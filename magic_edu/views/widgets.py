@@ -622,6 +622,20 @@ class StepThrough(W.VBox):
                 f"<div><b>Output:</b> “{output}” &nbsp; <span style='color:#555'>{status}</span></div>"
                 f"<ul style='margin:2px 0'>{listed}</ul>")
 
+    def _shown_rows(self, record: StepRecord | None, columns, waiting: str, title) -> list:
+        """Set the table's header and title (``waiting`` before the first step, ``title(record)``
+        after), make enough candidate rows, hide the others; the (index, row) pairs to fill."""
+        self.header.value = _cells(list(columns), bold=True, columns=columns)
+        self.table_title.value = waiting if record is None else title(record)
+        k = record.k if record is not None else 0
+        while len(self.rows) < k:
+            row = CandidateRow(len(self.rows), self.force)
+            self.rows.append(row)
+            self.table.children = self.table.children + (row,)
+        for i, row in enumerate(self.rows):
+            row.layout.display = None if i < k else "none"
+        return list(enumerate(self.rows[:k]))
+
     def _render_table(self, record: StepRecord | None) -> None:
         if self.stepper is not None and self.stepper.spec.beams:
             self._render_beam_table(record)
@@ -630,23 +644,10 @@ class StepThrough(W.VBox):
             self._render_zerocap_table(record)
             return
         samples = self.stepper is not None and self.stepper.spec.samples
-        self.header.value = _cells(list(SAMPLING_CELLS if samples else CELLS), bold=True,
-                                   columns=SAMPLING_CELLS if samples else CELLS)
-        k = record.k if record is not None else 0
-        while len(self.rows) < k:
-            row = CandidateRow(len(self.rows), self.force)
-            self.rows.append(row)
-            self.table.children = self.table.children + (row,)
-        if record is None:
-            self.table_title.value = "<i>The candidates of each step appear here.</i>"
-        else:
-            decoder = self.trace.settings.get("decoder")
-            self.table_title.value = (f"<b>Step {record.step}</b>: the {decoder} decoder's candidates after "
-                                      f"“{html.escape(record.text)}”. <b>force</b> takes one instead and goes on.")
-        for i, row in enumerate(self.rows):
-            row.layout.display = None if i < k else "none"
-            if i >= k:
-                continue
+        for i, row in self._shown_rows(
+                record, SAMPLING_CELLS if samples else CELLS, "<i>The candidates of each step appear here.</i>",
+                lambda r: (f"<b>Step {r.step}</b>: the {self.trace.settings.get('decoder')} decoder's candidates after "
+                           f"“{html.escape(r.text)}”. <b>force</b> takes one instead and goes on.")):
             chosen = i == record.chosen
             note = ("▶ forced" if record.forced else "▶ chosen") if chosen else ""
             token = html.escape(analysis.token_label(record.tokens[i]))
@@ -664,22 +665,11 @@ class StepThrough(W.VBox):
         """Beam search's candidates: the 2 x num_beams best continuations of all beams, the beam each
         extends, and what became of it (the next beam j, a finished hypothesis, or dropped). Forcing
         is not meaningful for beams: the force buttons are off."""
-        self.header.value = _cells(list(BEAM_CELLS), bold=True, columns=BEAM_CELLS)
-        k = record.k if record is not None else 0
-        while len(self.rows) < k:
-            row = CandidateRow(len(self.rows), self.force)
-            self.rows.append(row)
-            self.table.children = self.table.children + (row,)
-        if record is None:
-            self.table_title.value = "<i>Every beam's best continuations appear here, step by step.</i>"
-        else:
-            self.table_title.value = (f"<b>Step {record.step}</b>: the {record.k} best continuations of all beams "
-                                      "(summed log-probabilities, best first), and what became of each. "
-                                      "Beam search advances every beam at once: there is nothing to force.")
-        for i, row in enumerate(self.rows):
-            row.layout.display = None if i < k else "none"
-            if i >= k:
-                continue
+        for i, row in self._shown_rows(
+                record, BEAM_CELLS, "<i>Every beam's best continuations appear here, step by step.</i>",
+                lambda r: (f"<b>Step {r.step}</b>: the {r.k} best continuations of all beams (summed "
+                           "log-probabilities, best first), and what became of each. Beam search advances "
+                           "every beam at once: there is nothing to force.")):
             beam, finished = record.next_beam[i], record.hypothesis_score[i]
             fate = f"→ beam {beam}" if beam >= 0 else "finished" if not math.isnan(finished) else "dropped"
             token = f"beam {record.beam[i]} + {html.escape(analysis.token_label(record.tokens[i]))}"
@@ -692,22 +682,11 @@ class StepThrough(W.VBox):
     def _render_zerocap_table(self, record: StepRecord | None) -> None:
         """ZeroCap's candidates: every live beam's best tokens by q, with p0 (the LM alone), p after
         the gradient steps, CLIP's target and q, and what became of each. Nothing to force."""
-        self.header.value = _cells(list(ZEROCAP_CELLS), bold=True, columns=ZEROCAP_CELLS)
-        k = record.k if record is not None else 0
-        while len(self.rows) < k:
-            row = CandidateRow(len(self.rows), self.force)
-            self.rows.append(row)
-            self.table.children = self.table.children + (row,)
-        if record is None:
-            self.table_title.value = "<i>Every beam's best tokens by the fused q appear here, step by step.</i>"
-        else:
-            self.table_title.value = (f"<b>Step {record.step}</b>: each beam's best tokens by q. The gradient steps "
-                                      "move p0 to p, towards CLIP's target; q fuses p (special tokens adjusted) "
-                                      "with p0. The beams advance at once: there is nothing to force.")
-        for i, row in enumerate(self.rows):
-            row.layout.display = None if i < k else "none"
-            if i >= k:
-                continue
+        for i, row in self._shown_rows(
+                record, ZEROCAP_CELLS, "<i>Every beam's best tokens by the fused q appear here, step by step.</i>",
+                lambda r: (f"<b>Step {r.step}</b>: each beam's best tokens by q. The gradient steps move p0 to "
+                           "p, towards CLIP's target; q fuses p (special tokens adjusted) with p0. The beams "
+                           "advance at once: there is nothing to force.")):
             beam = record.next_beam[i]
             token = f"beam {record.beam[i]} + {html.escape(analysis.token_label(record.tokens[i]))}"
             values = [f"#{i + 1}", token, *(_fmt(getattr(record, name)[i]) for name in
