@@ -98,13 +98,14 @@ class StepResult:
     fused_prob: Any = None
     iteration_probs: Any = None  # per row: [iteration][candidate] (None: empty)
     iteration_targets: Any = None
+    kept_beam: Any = None  # per row: ZeroCap's beams after the step kept as they were (None: empty)
 
     def __post_init__(self) -> None:
         rows = _rows(self.token_ids)
         for name in ("steered_prob", "fused_prob"):
             if getattr(self, name) is None:
                 setattr(self, name, _unused(rows, NAN))
-        for name in ("iteration_probs", "iteration_targets"):
+        for name in ("iteration_probs", "iteration_targets", "kept_beam"):
             if getattr(self, name) is None:
                 setattr(self, name, [[] for _ in rows])
 
@@ -589,7 +590,8 @@ class Stepper:
                           clip_text=_unused(ids, ""), clip_cosine=nan, clip_score=[step.target], score=[step.score],
                           chosen=[step.chosen], chosen_similarity=[[]], sample_prob=nan, beam=[step.beam],
                           next_beam=[step.next_beam], hypothesis_score=nan, steered_prob=[step.p], fused_prob=[step.q],
-                          iteration_probs=[step.iteration_p], iteration_targets=[step.iteration_target])
+                          iteration_probs=[step.iteration_p], iteration_targets=[step.iteration_target],
+                          kept_beam=[step.kept_beam])
 
     def _record(self, result: StepResult, lengths: list[int | None], texts: list[str], forced: bool, cost: Cost
                 ) -> StepRecord | None:

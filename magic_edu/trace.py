@@ -40,7 +40,8 @@ from .errors import MagicEduError
 # 3: each step's cost and the trace's setup cost (older files load them as unknown: -1 / NaN)
 # 4: ZeroCap's columns (steered_prob, fused_prob; older files load them as NaN) and its per-iteration
 #    lists (iteration_probs, iteration_targets; older files: empty)
-FORMAT_VERSION = 4
+# 5: ZeroCap's kept_beam (which beams after a step are finished ones kept as they were; older files: empty)
+FORMAT_VERSION = 5
 
 
 @dataclass
@@ -77,7 +78,10 @@ class StepRecord:
     ``next_beam`` as for beam search (``hypothesis_score`` unused); ``chosen``: the candidate
     that became beam 0. ``iteration_probs[i]`` / ``iteration_targets[i]``: p(v) at the start of
     iteration i and the target it was pulled towards, one value per candidate. NaN for every
-    other decoder (empty lists), and in files older than version 4.
+    other decoder (empty lists), and in files older than version 4. ``kept_beam[j]``: for every
+    beam after the step, the index (before the step) of the finished beam it is, kept as it was,
+    or -1 for a beam one of the step's candidates became (empty for other decoders and in files
+    older than version 5); with ``beam`` and ``next_beam`` it traces any beam back to step 0.
 
     ``cost``: the work the step did (:mod:`magic_edu.costs`): LM forwards and tokens, backward
     passes, CLIP texts and their tokens, CLIP images, and the step's wall time. It is the whole
@@ -107,6 +111,7 @@ class StepRecord:
     fused_prob: list[float] = field(default_factory=list)
     iteration_probs: list[list[float]] = field(default_factory=list)  # [iteration][candidate]
     iteration_targets: list[list[float]] = field(default_factory=list)
+    kept_beam: list[int] = field(default_factory=list)  # ZeroCap: one entry per beam after the step
     cost: Cost = field(default_factory=Cost.unknown)
 
     @property
@@ -344,6 +349,9 @@ def _step_record(data: Any, i: int) -> StepRecord:
         values[name] = [_float_list(row, f"{where}: {name!r}") for row in lists]
         if any(len(row) != k for row in values[name]):
             raise MagicEduError(f"{where}: every list in {name!r} must have one entry per candidate ({k})")
+    values["kept_beam"] = _int_list(data.get("kept_beam", []), f"{where}: 'kept_beam'")  # absent before version 5
+    if any(j < -1 for j in values["kept_beam"]):
+        raise MagicEduError(f"{where}: 'kept_beam' holds beam indices or -1; got {values['kept_beam']}")
     values["cost"] = Cost.from_dict(data["cost"], f"{where}: 'cost'") if "cost" in data else Cost.unknown()
     return StepRecord(**values)
 

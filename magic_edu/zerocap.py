@@ -295,7 +295,9 @@ class SearchStep:
     ranked by; ``beam``: the index of the beam it extends among the beams before the step;
     ``next_beam``: the beam it became (-1: none); ``chosen``: the candidate that became beam 0
     (0 if beam 0 is a finished beam kept as it was). ``iteration_p`` / ``iteration_target``:
-    [iteration][candidate] p at the start of every iteration and the target it was pulled to."""
+    [iteration][candidate] p at the start of every iteration and the target it was pulled to.
+    ``kept_beam``: for every beam after the step, the index before the step of the finished beam
+    it is (kept as it was), or -1 for a beam extended by one of the step's candidates."""
 
     beams: list[Beam]
     token_ids: list[int]
@@ -309,6 +311,7 @@ class SearchStep:
     chosen: int
     iteration_p: list[list[float]]
     iteration_target: list[list[float]]
+    kept_beam: list[int]
 
 
 def search_step(
@@ -340,9 +343,11 @@ def search_step(
             beam.append(j)
             next_beam.append(became.get((*b.ids, token), -1))
             score.append((b.score + lq) / (b.length + 1))
+    finished_before = {tuple(b.ids): j for j, b in enumerate(before) if b.finished}
+    kept_beam = [-1 if len(b.ids) == step + 1 else finished_before[tuple(b.ids)] for b in after]
     nan = torch.full_like(computed.log_p0, float("nan"))
     return SearchStep(
         after, token_ids, column(computed.log_p0.exp()), column(computed.log_p_steered[-1].exp()),
         column(computed.targets[-1] if computed.targets else nan), column(computed.log_q.exp()), score, beam, next_beam,
         next_beam.index(0) if 0 in next_beam else 0,
-        [column(lp.exp()) for lp in computed.log_p_steered[:-1]], [column(t) for t in computed.targets])
+        [column(lp.exp()) for lp in computed.log_p_steered[:-1]], [column(t) for t in computed.targets], kept_beam)

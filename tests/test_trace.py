@@ -171,7 +171,7 @@ def test_a_version_1_file_loads_without_the_sampling_and_beam_columns(tmp_path):
     assert loaded.steps[0].beam == [-1] * 3 and loaded.steps[0].next_beam == [-1] * 3
     assert all(math.isnan(x) for x in loaded.steps[0].sample_prob + loaded.steps[0].hypothesis_score)
     assert loaded.to_frame().equals(make_trace().to_frame())
-    assert FORMAT_VERSION == 4 and make_trace().to_dict()["version"] == 4
+    assert FORMAT_VERSION == 5 and make_trace().to_dict()["version"] == 5
 
 
 def test_a_version_3_file_loads_without_zerocaps_columns(tmp_path):
@@ -180,7 +180,7 @@ def test_a_version_3_file_loads_without_zerocaps_columns(tmp_path):
     data = make_trace().to_dict()
     data["version"] = 3
     for step in data["steps"]:
-        for name in ("steered_prob", "fused_prob", "iteration_probs", "iteration_targets"):
+        for name in ("steered_prob", "fused_prob", "iteration_probs", "iteration_targets", "kept_beam"):
             del step[name]
     path = tmp_path / "v3.json"
     path.write_text(json.dumps(data))
@@ -204,6 +204,22 @@ def test_zerocaps_per_iteration_lists_are_saved_and_checked(tmp_path):
     data["steps"][0]["iteration_probs"] = 0.5
     with pytest.raises(MagicEduError, match="'iteration_probs' must be a list of lists"):
         Trace.from_dict(data)
+
+
+def test_zerocaps_kept_beams_are_saved_and_checked(tmp_path):
+    """kept_beam (version 5) round-trips; older files (without it) read it empty; a value below -1 or
+    a non-integer is refused with the field's name."""
+    trace = make_trace()
+    trace.steps[0].kept_beam = [-1, 2, 0]
+    assert Trace.load(trace.save(tmp_path / "t.json")).steps[0].kept_beam == [-1, 2, 0]
+    data = trace.to_dict()
+    data["version"] = 4
+    del data["steps"][0]["kept_beam"]
+    assert Trace.from_dict(data).steps[0].kept_beam == []
+    for bad in ([-2], [0.5], "0"):
+        data["steps"][0]["kept_beam"] = bad
+        with pytest.raises(MagicEduError, match="'kept_beam'"):
+            Trace.from_dict(data)
 
 
 def test_a_missing_file_is_an_error():

@@ -183,6 +183,35 @@ def test_without_steering_it_is_beam_search_over_the_fused_distribution(tiny_lm6
     assert finished_and_live == (num_beams > 1)  # a finished beam went on next to live ones
 
 
+@pytest.mark.parametrize("num_iterations, kept_best_expected", [(0, True), (1, False)])
+def test_the_trace_leads_back_to_every_steps_best_beam(tiny_lm64, tiny_clip64, num_iterations, kept_best_expected):
+    """analysis.output_path of the trace cut after any step spells the best beam the Stepper holds
+    then, also where that beam is a finished one kept from an earlier step (kept_beam), and the
+    whole trace spells the output."""
+    from magic_edu.tools.analysis import chosen_ids
+    from magic_edu.trace import Trace
+
+    lm, clip = tiny_lm64, tiny_clip64
+    kept_best = 0
+    for image in range(3):
+        stepper = Stepper(lm, "zerocap", clip=clip, image=make_image(image), prompt=PROMPT, num_beams=3,
+                          num_iterations=num_iterations, candidates=8, end_factor=3.0, max_new_tokens=7)
+        while not stepper.done:
+            stepper.step()
+            trace = stepper.traces[0]
+            cut = Trace(trace.settings, trace.prefix_ids, trace.prefix_tokens, trace.steps[:])
+            assert chosen_ids(cut) == stepper.beams()[0][0]
+            assert len(trace.steps[-1].kept_beam) == len(stepper.beams())
+            kept_best += trace.steps[-1].kept_beam[0] >= 0
+        out = zerocap_search(lm, clip, make_image(image), prompt=PROMPT, num_beams=3, num_iterations=num_iterations,
+                             candidates=8, end_factor=3.0, max_new_tokens=7)
+        assert chosen_ids(out.trace) == out.token_ids
+        loaded = Trace.from_dict(json.loads(json.dumps(out.trace.to_dict())))
+        assert [r.kept_beam for r in loaded] == [r.kept_beam for r in out.trace]
+    if kept_best_expected:  # (with these settings, unsteered) some step's best beam was a finished one kept
+        assert kept_best
+
+
 def test_beam_bookkeeping_on_a_hand_made_distribution():
     """Three tokens, the end token 2. Step 0: the two best of log q = (-1, -2, -0.5) are 2 (ends) and 0.
     Step 1: only beam [0] is live; its candidates score (-1 + log q) / 2 with log q = (-3, -0.2, -4):

@@ -130,7 +130,12 @@ def degeneration_matrix(trace: Trace) -> tuple[np.ndarray, list[int]]:
 def output_path(trace: Trace) -> list[tuple[int, int]]:
     """(step, candidate index) of every output token, in order: each step's chosen candidate; for
     beam search, the returned hypothesis (the best ``hypothesis_score``, the earlier on a tie; while
-    none has finished, the best beam of the last step) traced back through the beams."""
+    none has finished, the best beam of the last step) traced back through the beams; for ZeroCap,
+    its best beam after the last step (beam 0), traced back through the beams and the finished
+    beams it kept (``kept_beam``)."""
+    decoder = trace_decoder(trace)
+    if decoder is not None and decoder.steers and trace.steps:
+        return _traced_back(trace, len(trace.steps) - 1, 0)
     if not is_beam_trace(trace):
         return [(t, s.chosen) for t, s in enumerate(trace.steps)]
     end, best = None, -math.inf
@@ -140,12 +145,24 @@ def output_path(trace: Trace) -> list[tuple[int, int]]:
                 end, best = (t, i), score
     if end is None and trace.steps and 0 in trace.steps[-1].next_beam:
         end = (len(trace.steps) - 1, trace.steps[-1].next_beam.index(0))
+    return [] if end is None else _traced_back(trace, end[0], trace.steps[end[0]].next_beam[end[1]], end[1])
+
+
+def _traced_back(trace: Trace, step: int, beam: int, candidate: int | None = None) -> list[tuple[int, int]]:
+    """The (step, candidate) path of the hypothesis that is beam ``beam`` after ``step`` (reached
+    by ``candidate`` when given: a finished beam search hypothesis is no beam afterwards): at every
+    step the candidate that became that beam, or, where a finished beam was kept as it was
+    (ZeroCap's ``kept_beam``), no token and the beam it was before."""
     path = []
-    while end is not None:
-        t, i = end
-        path.append(end)
-        beam = trace.steps[t].beam[i]
-        end = (t - 1, trace.steps[t - 1].next_beam.index(beam)) if t > 0 else None
+    while step >= 0:
+        record = trace.steps[step]
+        if candidate is None and record.kept_beam and record.kept_beam[beam] >= 0:
+            beam = record.kept_beam[beam]  # a finished beam, unchanged by this step
+        else:
+            i = record.next_beam.index(beam) if candidate is None else candidate
+            path.append((step, i))
+            beam = record.beam[i]
+        step, candidate = step - 1, None
     return path[::-1]
 
 
