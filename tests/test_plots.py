@@ -340,6 +340,22 @@ def test_plot_sweep_marks_the_best_cell():
         assert round(star.get_xdata()[0]) == 1 and round(star.get_ydata()[0]) == 2  # alpha 0.5, beta 2
     with pytest.raises(MagicEduError):
         plots.plot_sweep(frame, "nope")
+    with pytest.raises(MagicEduError, match="x must be one of"):
+        plots.plot_sweep(frame, x="p")
+
+
+def test_plot_sweep_with_one_axis_or_none_averages_the_rest():
+    """y None: one row of cells, each the mean over the rows sharing x; x None too: one cell, the mean of all."""
+    import pandas as pd
+
+    frame = pd.DataFrame([{"p": p, "seed": s, "tokens": 10 * p + s} for p in (0.5, 0.9) for s in (0, 1, 2)])
+    ax = plots.plot_sweep(frame, "tokens", x="p", y=None, facet=None).axes[0]
+    cells = sorted(float(t.get_text()) for t in ax.texts)
+    assert cells == [6.0, 10.0]  # 10 * 0.5 + mean(0, 1, 2); 10 * 0.9 + 1
+    [star] = [ln for ln in ax.get_lines() if ln.get_label().startswith("largest")]
+    assert round(star.get_xdata()[0]) == 1 and ax.get_xlabel() == "p" and list(ax.get_yticks()) == []
+    ax = plots.plot_sweep(frame, "tokens", x=None, y=None, facet=None).axes[0]
+    assert [float(t.get_text()) for t in ax.texts] == [8.0]
 
 
 def test_plots_work_from_a_saved_trace_with_no_model(magic_trace, tmp_path):

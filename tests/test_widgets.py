@@ -220,8 +220,11 @@ def test_settings_redecode_to_the_same_step(models, image):
 
 def test_step_through_shows_zerocaps_distributions_and_beams(models, image):
     w = StepThrough(models, image, decoder="zerocap")
-    assert {n for n, c in w.controls.items() if not c.disabled} == set(DECODERS["zerocap"].param_names)
-    w.num_iterations.value, w.candidates.value, w.num_beams.value = 1, 6, 2
+    enabled = {n for n, c in w.controls.items() if not c.disabled}
+    assert enabled == set(DECODERS["zerocap"].param_names) - {"num_beams"} | {"zerocap.num_beams"}
+    # ZeroCap's beams are its own control, at its own default (the MAGIC paper's baseline: 1), not beam search's 4
+    assert w.zerocap_num_beams.value == 1 and w.num_beams.value == 4 and w.num_beams.disabled
+    w.num_iterations.value, w.candidates.value, w.zerocap_num_beams.value = 1, 6, 2
     for _ in range(2):
         w.next_button.click()
     no_error(w)
@@ -249,16 +252,18 @@ def test_the_decoders_and_their_controls_come_from_the_registry(models, image):
     w = StepThrough(models, image, decoder="top-k")  # an alias names the decoder too
     assert w.decoder.value == "top_k"
     assert w.decoder.options == tuple((d.label, d.name) for d in DECODERS.values())
-    assert set(w.controls) == {p.name for d in DECODERS.values() for p in d.params}
+    # one control per parameter name; ZeroCap's num_beams (beam search has one too) is its own
+    assert set(w.controls) == {p.name for d in DECODERS.values() for p in d.params} | {"zerocap.num_beams"}
     assert w.controls["k"] is w.k and w.controls["seed"] is w.seed and w.controls["p"] is w.p
     for decoder in DECODERS.values():
         w.decoder.value = decoder.name
         no_error(w)
-        assert {n for n, c in w.controls.items() if not c.disabled} == set(decoder.param_names), decoder.name
+        keys = {n: f"{decoder.name}.{n}" if f"{decoder.name}.{n}" in w.controls else n for n in decoder.param_names}
+        assert {n for n, c in w.controls.items() if not c.disabled} == set(keys.values()), decoder.name
         assert not w.length.disabled
         # the decode got exactly the decoder's parameters, from the controls
-        assert {n: w.trace.settings[n] for n in decoder.param_names} == {n: w.controls[n].value
-                                                                         for n in decoder.param_names}
+        assert {n: w.trace.settings[n] for n in decoder.param_names} == {n: w.controls[k].value
+                                                                         for n, k in keys.items()}
     # the sliders' ranges are the registry's, widened for the preset's values
     assert (w.alpha.min, w.alpha.max, w.alpha.step) == DECODERS["magic"].param("alpha").slider
     assert (w.p.min, w.p.max, w.p.step) == DECODERS["nucleus"].param("p").slider
@@ -342,7 +347,10 @@ def test_compare_decoders_runs_zerocap_when_asked(tiny_lm, tiny_clip, image):
     w = CompareDecoders(models, image, zerocap=True)
     no_error(w)
     assert list(w.frame["decoder"]) == ["greedy", "beam", "contrastive", "magic", "zerocap", "top_k"]
-    settings = {n: w.controls[n].value for n in DECODERS["zerocap"].param_names}
+    settings = {n: w.controls["zerocap.num_beams" if n == "num_beams" else n].value
+                for n in DECODERS["zerocap"].param_names}
+    # each at its own default: beam search 4 beams, ZeroCap 1 (the MAGIC paper's baseline)
+    assert settings["num_beams"] == 1 and w.generations["beam"].trace.settings["num_beams"] == 4
     want = Stepper(tiny_lm, "zerocap", clip=tiny_clip, image=image, max_new_tokens=3, **settings).run()[0]
     assert w.generations["zerocap"].token_ids == want.token_ids and "zerocap" in w.table.value
     with pytest.raises(MagicEduError, match="zerocap must be True or False"):
@@ -428,6 +436,46 @@ def test_sweep_bad_grids_show_a_message(models, image, field, value, expected):
     getattr(w, field).value = value
     w.run_button.click()
     assert expected in w.message.value and w.frame.empty
+
+
+def test_sweep_runs_any_decoder_of_the_registry(models, image):
+    """Nucleus sampling over p x seed: each row is the decoder's own output with that setting (the
+    same call outside the widget); switching decoder gives that decoder's boxes, and the heat map
+    puts the parameter with the most values on x."""
+    w = Sweep(models, image, decoder="nucleus", values={"p": "0.3, 0.9", "seed": "0, 1, 2"})
+    assert set(w.fields) == {"p", "temperature", "seed"} and w.fields["temperature"].value == "1"
+    w.length.value = 5
+    w.run_button.click()
+    no_error(w)
+    assert len(w.frame) == 6 and w.axes() == ("seed", "p", None)
+    for _, row in w.frame.iterrows():
+        gen = Stepper(models.lm, "nucleus", p=row["p"], seed=int(row["seed"]), max_new_tokens=5).run()[0]
+        assert row["text"] == gen.text and row["temperature"] == 1.0
+    assert bytes(w.plot.value).startswith(PNG)
+    w.decoder.value = "beam"
+    assert set(w.fields) == {"num_beams", "length_penalty"} and w.frame.empty
+    w.fields["num_beams"].value = "1, 3"
+    w.run_button.click()
+    no_error(w)
+    want = Stepper(models.lm, "beam", num_beams=3, length_penalty=1.0, max_new_tokens=5).run()[0]
+    assert w.frame[w.frame["num_beams"] == 3].iloc[0]["text"] == want.text
+    assert w.axes() == ("num_beams", None, None) and isinstance(w.snapshot(), Figure)  # one row of cells
+    w.decoder.value = "greedy"
+    w.run_button.click()
+    no_error(w)
+    assert len(w.frame) == 1 and w.frame.iloc[0]["text"] == Stepper(models.lm, "greedy", max_new_tokens=5).run()[0].text
+
+
+def test_sweep_varies_at_most_three_parameters(models, image):
+    w = Sweep(models, image, decoder="magic", alphas="0, 0.5", betas="0, 1", ks="2, 3",
+              values={"clip_text_max_len": "10, 20"})
+    w.run_button.click()
+    assert "vary at most three parameters" in w.message.value and w.frame.empty
+    w.fields["clip_text_max_len"].value = "20"
+    w.length.value = 3
+    w.run_button.click()
+    no_error(w)
+    assert len(w.frame) == 8 and w.axes() == ("k", "alpha", "beta")
 
 
 # -- the real toy models ---------------------------------------------------------------------

@@ -591,19 +591,26 @@ def plot_beams(trace: TraceLike, step: int | None = None, *, ax: Axes | None = N
 
 
 # -- sweeps -----------------------------------------------------------------------------------
-def plot_sweep(frame: Any, value: str = "clip_cosine", x: str = "alpha", y: str = "beta",
-               facet: str = "k", *, fig: MplFigure | SubFigure | None = None) -> MplFigure:
-    """Heat maps of ``value`` over an ``x`` x ``y`` grid, one per ``facet`` value (e.g. per k),
-    cells written with their values; a star marks the largest value of each map."""
+def plot_sweep(frame: Any, value: str = "clip_cosine", x: str | None = "alpha", y: str | None = "beta",
+               facet: str | None = "k", *, fig: MplFigure | SubFigure | None = None) -> MplFigure:
+    """Heat maps of ``value`` over an ``x`` x ``y`` grid (``y`` None: one row; ``x`` None too: one
+    cell), one per ``facet``
+    value (e.g. per k; None or a column the frame lacks: one map), cells written with their values
+    (the mean where several rows share a cell); a star marks the largest value of each map."""
     if value not in frame.columns:
         raise MagicEduError(f"value must be one of the sweep's columns {list(frame.columns)}; got {value!r}")
-    facets = sorted(frame[facet].unique()) if facet in frame.columns else [None]
+    for name, column in (("x", x), ("y", y)):
+        if column is not None and column not in frame.columns:
+            raise MagicEduError(f"{name} must be one of the sweep's columns {list(frame.columns)}; got {column!r}")
+    frame = frame.assign(_row="", _column="")
+    x_column, y_column = x or "_column", y or "_row"
+    facets = sorted(frame[facet].unique()) if facet is not None and facet in frame.columns else [None]
     if fig is None:
-        fig = Figure(figsize=(0.6 + 3.6 * len(facets), 3.4), layout="constrained")
+        fig = Figure(figsize=(0.6 + 3.6 * len(facets), 3.4 if y is not None else 1.9), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(facets), squeeze=False)[0])
     for ax, f in zip(axes, facets):
         sub = frame if f is None else frame[frame[facet] == f]
-        table = sub.pivot_table(index=y, columns=x, values=value, aggfunc="mean")
+        table = sub.pivot_table(index=y_column, columns=x_column, values=value, aggfunc="mean")
         grid = table.to_numpy(dtype=float)
         image = ax.imshow(grid, aspect="auto", cmap=VIRIDIS, origin="lower", interpolation="nearest")
         for (i, j), v in np.ndenumerate(grid):
@@ -614,10 +621,16 @@ def plot_sweep(frame: Any, value: str = "clip_cosine", x: str = "alpha", y: str 
             ax.plot(j + 0.32, i + 0.3, marker="*", markersize=13, color=OKABE_ITO["orange"], markeredgecolor="black",
                     linestyle="none", label=f"largest {value}")
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=7)
-        ax.set_xticks(np.arange(len(table.columns)), [f"{c:g}" for c in table.columns], fontsize=8)
-        ax.set_yticks(np.arange(len(table.index)), [f"{r:g}" for r in table.index], fontsize=8)
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_title(value + ("" if f is None else f"  ({facet}={f})"), fontsize=9)
+        if x is None:
+            ax.set_xticks([])
+        else:
+            ax.set_xticks(np.arange(len(table.columns)), [f"{c:g}" for c in table.columns], fontsize=8)
+            ax.set_xlabel(x)
+        if y is None:
+            ax.set_yticks([])
+        else:
+            ax.set_yticks(np.arange(len(table.index)), [f"{r:g}" for r in table.index], fontsize=8)
+            ax.set_ylabel(y)
+        ax.set_title(value + ("" if f is None else f"  ({facet}={f:g})"), fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8)
     return fig.figure

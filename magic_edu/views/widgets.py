@@ -42,8 +42,9 @@ PLOT_DPI = 72
 PNG_CACHE = 64  # step plots kept, so Back and the step slider redraw nothing
 MAX_SWEEP = 300  # most settings one sweep may decode
 REFERENCE = "greedy"  # CompareDecoders marks where each decoder leaves this one's path
-SWEPT = "magic"  # the decoder Sweep runs over a grid of its k, alpha and beta
-LABELS = {"alpha": "alpha α", "beta": "beta β", "clip_text_max_len": "CLIP text max len"}  # else the name
+SWEPT = "magic"  # the decoder a Sweep starts with
+LABELS = {"alpha": "alpha α", "beta": "beta β", "clip_text_max_len": "CLIP text max len",
+          "zerocap.num_beams": "ZeroCap beams"}  # else the name
 
 ERROR_STYLE = "border-left:4px solid #D55E00;background:#FFF1E6;padding:4px 8px;margin:2px 0"
 INFO_STYLE = "border-left:4px solid #0072B2;background:#EAF4FB;padding:4px 8px;margin:2px 0"
@@ -179,41 +180,53 @@ def _slider(param: Param, value: Any, description: str, cap: int | None = None) 
                          tooltip=param.help, continuous_update=False, style=style)
 
 
+def control_key(decoder: Decoder, name: str) -> str:
+    """The key of the control that sets ``decoder``'s parameter ``name``: the name itself, shared by
+    every decoder that has it, except for a decoder that steers the LM (ZeroCap), whose settings
+    are its own: there a name another decoder uses too (num_beams) gets ``"zerocap.num_beams"``."""
+    if decoder.steers and any(name in d.param_names for d in DECODERS.values() if not d.steers):
+        return f"{decoder.name}.{name}"
+    return name
+
+
 def _param_controls(models: ModelSet, main: str) -> dict[str, W.Widget]:
-    """One control per parameter name of the registry's decoders: a slider where the registry
-    gives one (sliders first), else a number box. It starts at the model set's preset value
-    for parameters that take one, else at the default of ``main`` (the widget's first
+    """One control per parameter key (:func:`control_key`) of the registry's decoders: a slider
+    where the registry gives one (sliders first), else a number box. It starts at the model set's
+    preset value for parameters that take one, else at the default of ``main`` (the widget's first
     decoder), else at the first default the registry gives (a box without one starts at its
     lowest value: the seed at 0)."""
     params: dict[str, list[Param]] = {}
     for decoder in DECODERS.values():
         for param in decoder.params:
-            params.setdefault(param.name, []).append(param)
-    main_params = {p.name: p for p in DECODERS[main].params} if main in DECODERS else {}
+            params.setdefault(control_key(decoder, param.name), []).append(param)
+    main_params = {control_key(DECODERS[main], p.name): p for p in DECODERS[main].params} if main in DECODERS else {}
     preset = models.defaults or {}
     sliders, boxes = {}, {}
-    for name, ps in params.items():
+    for key, ps in params.items():
+        name = ps[0].name
         shown = next((p for p in ps if p.slider is not None), ps[0])
         if any(p.from_preset for p in ps) and preset.get(name) is not None:
             value = preset[name]
-        elif name in main_params and main_params[name].default is not None:
-            value = main_params[name].default
+        elif key in main_params and main_params[key].default is not None:
+            value = main_params[key].default
         else:
             value = next((p.default for p in ps if p.default is not None), shown.low or 0)
-        description = LABELS.get(name, name)
+        description = LABELS.get(key, LABELS.get(name, name))
         if shown.slider is not None:
-            sliders[name] = _slider(shown, value, description, cap=models.lm.vocab_size)
+            sliders[key] = _slider(shown, value, description, cap=models.lm.vocab_size)
         else:
             box = W.IntText if shown.kind is int else W.FloatText
-            boxes[name] = box(value=value, description=description, tooltip=shown.help,
-                              style={"description_width": "60px" if len(description) <= 8 else "initial"},
-                              layout=W.Layout(width="220px"))
+            boxes[key] = box(value=value, description=description, tooltip=shown.help,
+                             style={"description_width": "60px" if len(description) <= 8 else "initial"},
+                             layout=W.Layout(width="220px"))
     return {**sliders, **boxes}
 
 
 def _expose(widget: W.Widget, controls: dict[str, W.Widget]) -> None:
-    """``widget.k``, ``widget.alpha``, ...: each control as an attribute too (unless the name is taken)."""
-    for name, control in controls.items():
+    """``widget.k``, ``widget.alpha``, ``widget.zerocap_num_beams``, ...: each control as an attribute
+    too (unless the name is taken)."""
+    for key, control in controls.items():
+        name = key.replace(".", "_")
         if not hasattr(widget, name):
             setattr(widget, name, control)
 
@@ -228,7 +241,8 @@ def _decoder_kwargs(decoder: Decoder, controls: dict[str, W.Widget], models: Mod
     """``decoder``'s keyword arguments for :class:`Stepper`: each of its parameters from the control
     of that name (a parameter without one takes the preset's or the registry's default), and
     ``clip`` and ``image`` if it needs the image."""
-    kwargs: dict[str, Any] = {name: controls[name].value for name in decoder.param_names if name in controls}
+    keys = {name: control_key(decoder, name) for name in decoder.param_names}
+    kwargs: dict[str, Any] = {name: controls[key].value for name, key in keys.items() if key in controls}
     if decoder.needs_image:
         if image is None:
             raise MagicEduError(f"image: {decoder.label} needs an image; pick a toy scene or a sample photo, "
@@ -238,8 +252,8 @@ def _decoder_kwargs(decoder: Decoder, controls: dict[str, W.Widget], models: Mod
 
 
 def _enable(controls: dict[str, W.Widget], decoders: Sequence[Decoder]) -> None:
-    """Enable a control iff one of ``decoders`` has a parameter of its name."""
-    used = {name for d in decoders for name in d.param_names}
+    """Enable a control iff one of ``decoders`` has a parameter of its key."""
+    used = {control_key(d, name) for d in decoders for name in d.param_names}
     for name, control in controls.items():
         control.disabled = name not in used
 
@@ -922,21 +936,35 @@ SWEEP_VALUES = {
 
 
 class Sweep(W.VBox):
-    """MAGIC over a grid of alpha x beta (x k) on one image: a progress bar while it runs, then a
-    DataFrame (``sweep.frame``) and a heat map of the value picked."""
+    """Any decoder of the registry over a grid of its settings on one image: one box of values per
+    parameter (commas between values; one value keeps it fixed), a progress bar while it runs,
+    then a DataFrame (``sweep.frame``: a row per setting) and heat maps of the value picked (the
+    two parameters with the most values as the axes, one map per value of a third).
 
-    def __init__(self, models: ModelSet, image: Any = None, *, alphas: str = "0, 0.1, 0.3, 0.6",
-                 betas: str = "0, 0.5, 1, 2", ks: str | None = None) -> None:
+    A sweep needs lists of values, so each parameter is a box of numbers rather than a slider;
+    its tooltip gives the range the registry allows. ``alphas``, ``betas`` and ``ks`` start
+    MAGIC's boxes (MAGIC's grid by default: alpha 0, 0.1, 0.3, 0.6 x beta 0, 0.5, 1, 2 at the
+    preset's k); ``values`` starts any decoder's (``{"p": "0.5, 0.9", "seed": "0, 1, 2"}``).
+    A parameter without a value starts at the model set's preset value, else the registry's
+    default (a sampler's seed at 0: a sweep is reproducible)."""
+
+    MAGIC_GRID = {"alpha": "0, 0.1, 0.3, 0.6", "beta": "0, 0.5, 1, 2"}
+    FIELD_LABELS = {"k": "k values", "alpha": "alphas", "beta": "betas"}  # else "<name> values"
+
+    def __init__(self, models: ModelSet, image: Any = None, *, decoder: str = SWEPT, alphas: str | None = None,
+                 betas: str | None = None, ks: str | None = None, values: dict[str, str] | None = None) -> None:
         self.models = models
         self.picker = ImagePicker(models)
         if image is not None:
             self.picker.set_image(image)
-        style = {"description_width": "60px"}
-        self.alphas = W.Text(value=alphas, description="alphas", style=style)
-        self.betas = W.Text(value=betas, description="betas", style=style)
-        if ks is None:
-            ks = str(_param_controls(models, SWEPT)["k"].value)  # the preset's k (else MAGIC's default)
-        self.ks = W.Text(value=ks, description="k values", style=style)
+        style = {"description_width": "90px"}
+        start = get_decoder(decoder).name
+        self.decoder = W.Dropdown(options=[(d.label, d.name) for d in DECODERS.values()], value=start,
+                                  description="decoder", style=style)
+        given = {"alpha": alphas, "beta": betas, "k": ks} if start == "magic" else {}
+        self._given = {**{n: v for n, v in given.items() if v is not None}, **(values or {})}
+        self.fields: dict[str, W.Text] = {}
+        self.field_box = W.VBox()
         self.length = _length_slider(models)
         self.prompt = W.Text(value=models.prompt or "", description="prompt", placeholder="(none)", style=style)
         self.value = W.Dropdown(options=[(label, v) for v, label in SWEEP_VALUES.items()], value="clip_cosine",
@@ -947,51 +975,98 @@ class Sweep(W.VBox):
         self.table = W.HTML()
         self.plot = W.Image(format="png", layout=W.Layout(max_width="900px"))
         self.frame = pd.DataFrame()
+        self._make_fields()
 
-        settings = W.VBox([self.alphas, self.betas, self.ks, self.length, self.prompt, self.value,
+        settings = W.VBox([self.decoder, self.field_box, self.length, self.prompt, self.value,
                            W.HBox([self.run_button, self.progress])])
         super().__init__([_row([self.picker, settings]), self.message, self.plot, self.table])
         self.run_button.on_click(lambda _: self.run())
         self.value.observe(lambda _: self._render_plot(), names="value")
+        self.decoder.observe(lambda _: self._make_fields(), names="value")
 
-    def grid(self) -> list[tuple[int, float, float]]:
-        """The (k, alpha, beta) settings the sweep decodes, each checked against its range in the registry."""
-        decoder, vocab = DECODERS[SWEPT], self.models.lm.vocab_size
-        ks = _checked_values(self.ks.value, "k values", decoder.param("k"), vocab)
-        alphas = _checked_values(self.alphas.value, "alphas", decoder.param("alpha"), vocab)
-        betas = _checked_values(self.betas.value, "betas", decoder.param("beta"), vocab)
-        grid = list(itertools.product(ks, alphas, betas))
+    # MAGIC's boxes by their old names (notebooks and tests use them)
+    alphas = property(lambda self: self.fields["alpha"])
+    betas = property(lambda self: self.fields["beta"])
+    ks = property(lambda self: self.fields["k"])
+
+    def _make_fields(self) -> None:
+        """One box of values per parameter of the decoder picked, each starting at the values given
+        for it, else MAGIC's grid, else the preset's or the registry's value."""
+        decoder = DECODERS[self.decoder.value]
+        controls = _param_controls(self.models, decoder.name)
+        self.fields = {}
+        for param in decoder.params:
+            if param.name in self._given:
+                text = self._given[param.name]
+            elif decoder.name == "magic" and param.name in self.MAGIC_GRID:
+                text = self.MAGIC_GRID[param.name]
+            else:
+                key = control_key(decoder, param.name)
+                start = controls[key].value if key in controls else param.default
+                text = f"{start if start is not None else 0:g}"
+            label = self.FIELD_LABELS.get(param.name, f"{param.name} values")
+            self.fields[param.name] = W.Text(value=text, description=label, style={"description_width": "90px"},
+                                             tooltip=f"{param.help}; each {_allowed(param, self.models.lm.vocab_size)}")
+        self.field_box.children = list(self.fields.values())
+        self.frame = pd.DataFrame()
+        self.table.value, self.plot.value = "", b""
+
+    def grid(self) -> list[dict[str, Any]]:
+        """The settings the sweep decodes (one dict per setting), each value checked against its
+        range in the registry; at most :data:`MAX_SWEEP` settings and three parameters varied."""
+        decoder, vocab = DECODERS[self.decoder.value], self.models.lm.vocab_size
+        values = {name: _checked_values(field.value, field.description, decoder.param(name), vocab)
+                  for name, field in self.fields.items()}
+        varied = [name for name, v in values.items() if len(v) > 1]
+        if len(varied) > 3:
+            raise MagicEduError(f"{', '.join(varied)}: vary at most three parameters at a time (a heat map shows "
+                                "two, one map per value of a third); give the others one value each")
+        grid = [dict(zip(values, combo)) for combo in itertools.product(*values.values())]
         if len(grid) > MAX_SWEEP:
             raise MagicEduError(f"the grid has {len(grid)} settings; at most {MAX_SWEEP} at a time, use fewer values")
         return grid
 
     @guarded
     def run(self) -> None:
-        """Decode every setting of the grid (MAGIC), then show the table and the heat map."""
+        """Decode every setting of the grid, then show the table and the heat map."""
         grid, image, prompt = self.grid(), self.picker.image, _prompt(self.prompt.value)
         if image is None:
             raise MagicEduError("image: pick a toy scene or a sample photo, or upload one")
-        lm, clip = self.models.lm, self.models.clip
+        decoder, lm, clip = DECODERS[self.decoder.value], self.models.lm, self.models.clip
+        extra = {"clip": clip, "image": image} if decoder.needs_image else {}
         self.progress.max, self.progress.value, self.progress.description = len(grid), 0, f"0 / {len(grid)}"
         rows = []
-        for i, (k, alpha, beta) in enumerate(grid):
-            gen = Stepper(lm, SWEPT, clip=clip, image=image, k=k, alpha=alpha, beta=beta, prompt=prompt,
-                          max_new_tokens=self.length.value, record=False).run()[0]
+        for i, setting in enumerate(grid):
+            gen = Stepper(lm, decoder.name, prompt=prompt, max_new_tokens=self.length.value, record=False,
+                          history=False, **extra, **setting).run()[0]
             ll = analysis.lm_log_likelihood(lm, gen.token_ids, prompt)
-            rows.append({"k": k, "alpha": alpha, "beta": beta, "text": gen.text, "tokens": len(gen.token_ids),
-                             "log_likelihood_per_token": ll / max(len(gen.token_ids), 1),
-                             "repeated_2grams": sum(c - 1 for c in analysis.repeated_ngrams(gen.text, 2).values())})
+            rows.append({**setting, "text": gen.text, "tokens": len(gen.token_ids),
+                         "log_likelihood_per_token": ll / max(len(gen.token_ids), 1),
+                         "repeated_2grams": sum(c - 1 for c in analysis.repeated_ngrams(gen.text, 2).values())})
             self.progress.value, self.progress.description = i + 1, f"{i + 1} / {len(grid)}"
         frame = pd.DataFrame(rows)
-        frame.insert(4, "clip_cosine", analysis.caption_clip_score(clip, image, list(frame["text"])))
+        frame.insert(len(grid[0]) + 1, "clip_cosine", analysis.caption_clip_score(clip, image, list(frame["text"])))
         self.frame = frame
         self.table.value = frame.to_html(index=False, float_format=lambda x: f"{x:.3f}", escape=True)
         self._render_plot()
 
+    def axes(self) -> tuple[str, str | None, str | None]:
+        """(x, y, facet) of the heat map: the varied parameters, most values first (the registry's
+        order on a tie); y and facet None where fewer are varied (x None: a decoder without
+        parameters, one cell)."""
+        names = [n for n in self.frame.columns if n in DECODERS[self.decoder.value].param_names]
+        varied = sorted((n for n in names if self.frame[n].nunique() > 1), key=lambda n: -self.frame[n].nunique())
+        shown = (varied or names[:1]) + [None, None, None]
+        return shown[0], shown[1], shown[2]
+
     @guarded
     def _render_plot(self) -> None:
         if not self.frame.empty:
-            self.plot.value = figure_png(plots.plot_sweep(self.frame, self.value.value))
+            self.plot.value = figure_png(self._figure())
+
+    def _figure(self) -> Figure:
+        x, y, facet = self.axes()
+        return plots.plot_sweep(self.frame, self.value.value, x=x, y=y, facet=facet)
 
     def snapshot(self) -> Figure:
         """A static Figure: the heat map of the sweep (or a note that it has not run yet)."""
@@ -999,7 +1074,7 @@ class Sweep(W.VBox):
             fig = Figure(figsize=(6, 1))
             fig.text(0.5, 0.5, "the sweep has not run yet: press Run sweep", ha="center")
             return fig
-        return plots.plot_sweep(self.frame, self.value.value)
+        return self._figure()
 
 
 # -- latency ------------------------------------------------------------------------------------------
