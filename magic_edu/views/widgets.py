@@ -935,6 +935,10 @@ SWEEP_VALUES = {
 }
 
 
+SWEEP_MAGIC_GRID = {"alpha": "0, 0.1, 0.3, 0.6", "beta": "0, 0.5, 1, 2"}  # MAGIC's grid unless given
+SWEEP_FIELD_LABELS = {"k": "k values", "alpha": "alphas", "beta": "betas"}  # else "<name> values"
+
+
 class Sweep(W.VBox):
     """Any decoder of the registry over a grid of its settings on one image: one box of values per
     parameter (commas between values; one value keeps it fixed), a progress bar while it runs,
@@ -947,9 +951,6 @@ class Sweep(W.VBox):
     preset's k); ``values`` starts any decoder's (``{"p": "0.5, 0.9", "seed": "0, 1, 2"}``).
     A parameter without a value starts at the model set's preset value, else the registry's
     default (a sampler's seed at 0: a sweep is reproducible)."""
-
-    MAGIC_GRID = {"alpha": "0, 0.1, 0.3, 0.6", "beta": "0, 0.5, 1, 2"}
-    FIELD_LABELS = {"k": "k values", "alpha": "alphas", "beta": "betas"}  # else "<name> values"
 
     def __init__(self, models: ModelSet, image: Any = None, *, decoder: str = SWEPT, alphas: str | None = None,
                  betas: str | None = None, ks: str | None = None, values: dict[str, str] | None = None) -> None:
@@ -998,13 +999,13 @@ class Sweep(W.VBox):
         for param in decoder.params:
             if param.name in self._given:
                 text = self._given[param.name]
-            elif decoder.name == "magic" and param.name in self.MAGIC_GRID:
-                text = self.MAGIC_GRID[param.name]
+            elif decoder.name == "magic" and param.name in SWEEP_MAGIC_GRID:
+                text = SWEEP_MAGIC_GRID[param.name]
             else:
                 key = control_key(decoder, param.name)
                 start = controls[key].value if key in controls else param.default
                 text = f"{start if start is not None else 0:g}"
-            label = self.FIELD_LABELS.get(param.name, f"{param.name} values")
+            label = SWEEP_FIELD_LABELS.get(param.name, f"{param.name} values")
             self.fields[param.name] = W.Text(value=text, description=label, style={"description_width": "90px"},
                                              tooltip=f"{param.help}; each {_allowed(param, self.models.lm.vocab_size)}")
         self.field_box.children = list(self.fields.values())
