@@ -52,10 +52,35 @@ def test_work_per_step_is_what_each_decoder_must_do(tiny_lm, tiny_clip):
     for label in ("contrastive", "MAGIC"):
         assert (works[label].total.lm_forwards, works[label].total.lm_tokens) == (tokens, k * tokens)
     assert works["MAGIC"].per_step("clip_texts") == k and works["contrastive"].total.clip_texts == 0
+    zerocap = works.pop("ZeroCap")
     assert all(w.total.lm_backwards == 0 and w.setup.lm_tokens == prefix and w.steps == tokens for w in works.values())
+    # ZeroCap (1 beam, 5 iterations, every token a candidate: the vocabulary is under 512): its first
+    # step reads a prefix of one id and is not steered (one forward); every later step runs the
+    # context, p0, 5 steered forwards with a backward each and the final steered forward, CLIP 5 x V texts
+    steered, vocab = tokens - 1, tiny_lm.vocab_size
+    assert (zerocap.total.lm_forwards, zerocap.total.lm_backwards) == (1 + steered * (5 + 3), steered * 5)
+    assert zerocap.total.clip_texts == steered * 5 * vocab and zerocap.setup.clip_images == 1
     assert works["MAGIC"].setup.clip_images == 1 and works["greedy"].setup.clip_images == 0
     table = format_work(list(works.values()))
     assert table.count("\n") == len(works) + 1 and "| MAGIC (k=5) | 1.0 | 5.0 | 0.0 | 5.0 |" in table
+
+
+def test_magic_vs_zerocap_counts_each_decoders_work(tiny_lm, tiny_clip):
+    """Per caption of 3 tokens after ZeroCap's prompt "Image of a" (so every step is steered): MAGIC one
+    forward of the prefix and one of k candidates per step, k CLIP texts per step; ZeroCap per step the
+    context, p0, num_iterations steered forwards with a backward each and the final one, and
+    num_iterations x candidates CLIP texts."""
+    images = [make_image(0), make_image(1)]
+    v = bench.magic_vs_zerocap(tiny_lm, tiny_clip, images, 3, "tiny", dict(k=4, alpha=0.1, beta=1.0),
+                               dict(num_iterations=2, candidates=7))
+    assert (v.images, v.tokens, v.settings["zerocap"]["prompt"]) == (2, 3, "Image of a")
+    assert (v.magic_work.lm_forwards, v.magic_work.lm_backwards, v.magic_work.clip_texts) == (1 + 3, 0, 3 * 4)
+    assert v.magic_work.clip_images == 1 and v.zerocap_work.clip_images == 1
+    assert (v.zerocap_work.lm_forwards, v.zerocap_work.lm_backwards) == (3 * (2 + 3), 3 * 2)
+    assert v.zerocap_work.clip_texts == 3 * 2 * 7
+    assert v.magic_s > 0 and v.zerocap_s > 0 and v.speedup == v.zerocap_s / v.magic_s
+    lines = bench.format_versus(v)
+    assert "nearly 27x" in lines[0] and f"{v.speedup:.1f}x faster" in lines[0] and "6 backward passes" in lines[1]
 
 
 def test_authors_style_loop_takes_the_reference_tokens(tiny_lm64, tiny_clip64):

@@ -139,6 +139,7 @@ def test_miniature_training_runs(tmp_path, capsys):
     assert cli.main(["toy", "--report", "--out", str(tmp_path), "--scenes", "3", "--threads", "1"]) == 0
     report = capsys.readouterr().out
     assert "| MAGIC" in report and "A toy MAGIC caption takes" in report
+    assert "| ZeroCap |" in report and "MAGIC" in report.split("per caption: MAGIC ")[1]  # its row and speed-up
 
 
 def test_training_needs_an_explicit_output_folder(capsys):

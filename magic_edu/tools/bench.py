@@ -23,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..costs import Cost
+from ..costs import COUNTS, Cost
 from ..decoding import Stepper
 from ..errors import MagicEduError
 from ..models import ImageTextMatcher, LanguageModel
+from ..registry import DECODERS
+from ..zerocap import PROMPT as ZEROCAP_PROMPT
 
 
 @dataclass
@@ -298,6 +300,7 @@ def work_per_step(lm: LanguageModel, clip: ImageTextMatcher, tokens: int, k: int
         (f"beam search ({num_beams} beams)", "beam", dict(num_beams=num_beams)),
         (f"contrastive (k={k})", "contrastive", dict(k=k, alpha=alpha)),
         (f"MAGIC (k={k})", "magic", dict(k=k, alpha=alpha, beta=beta, clip=clip, image=image)),
+        (zerocap_label(), "zerocap", dict(clip=clip, image=image)),
     ]
     out = []
     for label, decoder, params in runs:
@@ -317,6 +320,93 @@ def format_work(works: list[Work]) -> str:
                      f"| {w.per_step('clip_text_tokens'):.1f} | {1000 * w.per_step('seconds'):.1f} "
                      f"| {w.setup.lm_tokens}, {w.setup.clip_images} |")
     return "\n".join(lines)
+
+
+# -- MAGIC vs ZeroCap -----------------------------------------------------------------------------
+VERSUS_TOY_IMAGES = 10  # held-out toy scenes MAGIC and ZeroCap both caption
+VERSUS_TOKENS = 16  # tokens per toy caption in that comparison (a toy caption is 8-16 tokens)
+PAPER_ZEROCAP_SPEEDUP = 27  # Su et al. 2022, abstract: MAGIC decodes "nearly 27 times" faster than ZeroCap
+
+
+def zerocap_label() -> str:
+    """ZeroCap's row label, with the settings that set its cost (the registry's defaults)."""
+    d = {p.name: p.default for p in DECODERS["zerocap"].params}
+    return (f"ZeroCap ({d['num_beams']} beam, {d['num_iterations']} iterations, "
+            f"{d['candidates']} candidates)")
+
+
+@dataclass
+class Versus:
+    """MAGIC and ZeroCap on the same images, each caption ``tokens`` long: mean seconds per caption
+    and the work of one caption (the models' cost counters), each decoder with ``settings``."""
+
+    label: str
+    images: int
+    tokens: int
+    magic_s: float
+    zerocap_s: float
+    magic_work: Cost
+    zerocap_work: Cost
+    settings: dict[str, dict[str, Any]]
+
+    @property
+    def speedup(self) -> float:
+        """How many times faster MAGIC writes a caption than ZeroCap."""
+        return self.zerocap_s / self.magic_s
+
+
+def _work(lm: LanguageModel, clip: ImageTextMatcher, run: Callable[[], Any]) -> tuple[float, Cost]:
+    """(seconds, the two models' work) of one call of ``run``."""
+    lm_before, clip_before = lm.cost.copy(), clip.cost.copy()
+    synchronize(lm.device)
+    t = time.perf_counter()
+    run()
+    synchronize(lm.device)
+    seconds = time.perf_counter() - t
+    work = (lm.cost - lm_before) + (clip.cost - clip_before)
+    work.seconds = seconds
+    return seconds, work
+
+
+def magic_vs_zerocap(lm: LanguageModel, clip: ImageTextMatcher, images: list[Any], tokens: int, label: str,
+                     magic: dict[str, Any], zerocap: dict[str, Any] | None = None) -> Versus:
+    """Caption every image with MAGIC (settings ``magic``: k, alpha, beta, prompt) and ZeroCap
+    (``zerocap``: any of its settings, the registry's defaults for the rest, its prompt "Image of
+    a" unless given), one image at a time,
+    the two alternately, each ``tokens`` tokens long (no stop at EOS, so both do the same number
+    of steps); after one short warm-up of each. Neither records a trace."""
+    zerocap = {"prompt": ZEROCAP_PROMPT, **(zerocap or {})}
+    common = dict(max_new_tokens=tokens, stop_at_eos=False, record=False, history=False)
+
+    def run(decoder: str, image: Any, settings: dict[str, Any], **kw: Any) -> Callable[[], Any]:
+        return lambda: Stepper(lm, decoder, clip=clip, image=image, **settings, **{**common, **kw}).run()
+
+    run("magic", images[0], magic, max_new_tokens=2)()
+    run("zerocap", images[0], zerocap, max_new_tokens=2)()
+    seconds = {"magic": 0.0, "zerocap": 0.0}
+    work = {"magic": Cost(), "zerocap": Cost()}
+    for image in images:
+        for decoder, settings in (("magic", magic), ("zerocap", zerocap)):
+            s, w = _work(lm, clip, run(decoder, image, settings))
+            seconds[decoder] += s
+            work[decoder] += w
+    n = len(images)
+    per_caption = {d: Cost(**{f: getattr(w, f) // n for f in COUNTS}, seconds=w.seconds / n) for d, w in work.items()}
+    return Versus(label, n, tokens, seconds["magic"] / n, seconds["zerocap"] / n, per_caption["magic"],
+                  per_caption["zerocap"], {"magic": dict(magic), "zerocap": zerocap})
+
+
+def format_versus(v: Versus) -> list[str]:
+    """The comparison as lines: time per caption, the speed-up beside the paper's, the work."""
+    def work(c: Cost) -> str:
+        return (f"{c.lm_forwards} LM forwards ({c.lm_tokens} tokens), {c.lm_backwards} backward passes, "
+                f"{c.clip_texts} CLIP texts ({c.clip_text_tokens} tokens)")
+    return [
+        f"MAGIC vs ZeroCap, {v.label}: {v.images} images, {v.tokens} tokens each: MAGIC {1000 * v.magic_s:.0f} ms, "
+        f"ZeroCap {1000 * v.zerocap_s:.0f} ms per caption: MAGIC {v.speedup:.1f}x faster "
+        f"(the paper: nearly {PAPER_ZEROCAP_SPEEDUP}x, MSCOCO on a GPU)",
+        f"  work per caption: MAGIC {work(v.magic_work)}; ZeroCap {work(v.zerocap_work)}",
+    ]
 
 
 # -- memory ------------------------------------------------------------------------------------
@@ -489,6 +579,12 @@ def run_benchmarks(which: str = "all", device: str | None = None, repeats: int =
         print_fn("work per step (cost counters, one caption):")
         print_fn(format_work(work_per_step(models.lm, models.clip, d["max_new_tokens"], d["k"], d["alpha"],
                                            d["beta"])))
+        from ..toyworld import shapes
+
+        scenes = [shapes.make_scene(shapes.HELD_OUT_SEED + i, n_objects=1).image for i in range(VERSUS_TOY_IMAGES)]
+        for line in format_versus(magic_vs_zerocap(models.lm, models.clip, scenes, VERSUS_TOKENS, "toy world",
+                                                   {n: d[n] for n in ("k", "alpha", "beta")}, {"prompt": None})):
+            print_fn("  " + line)
         print_fn(f"  StepThrough step (Stepper.step + trace record): "
                  f"{step_latency(models.lm, models.clip, d['k'], d['alpha'], d['beta']):.1f} ms")
         try:
@@ -511,6 +607,11 @@ def run_benchmarks(which: str = "all", device: str | None = None, repeats: int =
             print_fn("  " + line)
         print_fn("work per step (cost counters, one caption):")
         print_fn(format_work(work_per_step(lm, clip, tokens)))
+        # each as its paper runs it: MAGIC from the start token, ZeroCap after "Image of a"
+        images = [Image.new("RGB", (224, 224), (40 + 60 * i, 90, 200 - 50 * i)) for i in range(2 if not cuda else 4)]
+        for line in format_versus(magic_vs_zerocap(lm, clip, images, tokens, "GPT-2-small + ViT-B/32",
+                                                   dict(k=45, alpha=0.1, beta=2.0))):
+            print_fn("  " + line)
         if memory:
             for history in (False, True):
                 figures = [(n, *decode_memory(n, history, device=device)) for n in (100, 300)]
