@@ -30,9 +30,11 @@ Differences from the public code, by design:
 
 * The prefix is the library's (``lm.prompt_format``, e.g. ``<-start_of_text->`` + prompt)
   rather than GPT-2's BOS + "Image of a"; the default prompt is still "Image of a". CLIP
-  reads the prefix and generated text with the start token removed (as the public code
-  removes BOS), cut at the first EOS string (so the EOS candidate reads "stop here"; a
-  prompt format with EOS in it, the story LM's, would leave CLIP the part before it).
+  reads the prefix and generated ids without the leading start tokens (as the public code
+  removes BOS) plus the candidate, decoded together (public: each token's string appended to
+  the decoded prefix, the same text for GPT-2's tokenizer but words run together for one that
+  joins words with spaces), cut at the first EOS string (so the EOS candidate reads "stop
+  here"; a prompt format with EOS in it, the story LM's, would leave CLIP the part before it).
 * The end token is the LM's EOS (public: "."); with ``stop_at_eos=False`` no beam finishes.
 * Forbidden tokens are an optional list (public: a forbidden_tokens.npy made for GPT-2's
   vocabulary; there is none for other vocabularies, so by default nothing is forbidden).
@@ -63,6 +65,7 @@ from typing import Any
 
 import torch
 
+from .fast.candidate_texts import CandidateTexts
 from .models import ImageTextMatcher, KeysValues, LanguageModel
 from .registry import DECODERS
 
@@ -132,17 +135,20 @@ def fuse(log_p_shift: torch.Tensor, log_p0: torch.Tensor, fusion_factor: float) 
 
 @torch.no_grad()
 def clip_target(
-    p: torch.Tensor, texts: Sequence[str], lm: LanguageModel, clip: ImageTextMatcher,
+    p: torch.Tensor, rows: Sequence[Sequence[int]], lm: LanguageModel, clip: ImageTextMatcher,
     image_embedding: torch.Tensor, candidates: int, temperature: float,
 ) -> torch.Tensor:
     """CLIP's target distribution (B, V) float64 for next-token probabilities ``p`` (B, V):
     softmax over the n = min(candidates, V) most probable tokens v of row b of
-    cos(I, CLIP_text(texts[b] + v)) / temperature, 0 for every other token. The text is cut
-    at the LM's EOS string."""
+    cos(I, CLIP_text(text of rows[b] + [v])) / temperature, 0 for every other token. ``rows``:
+    the ids CLIP reads (:func:`clip_ids`); a text is cut at the LM's EOS string. The texts are
+    the ids decoded (:class:`~magic_edu.fast.candidate_texts.CandidateTexts`, as MAGIC's): the
+    public code appends each token's decoded string to the decoded prefix, the same text for
+    GPT-2's byte-level BPE, but "a large" + "green" = "a largegreen" for a tokenizer that joins
+    words with spaces (the toy LM's)."""
     n = min(candidates, p.shape[-1])
     top = p.topk(n, dim=-1).indices  # (B, n)
-    groups = [[(text + lm.token_text(v)).split(lm.eos_token, 1)[0] for v in row]
-              for text, row in zip(texts, top.tolist())]
+    groups = CandidateTexts(lm)(rows, top.tolist())
     # remember=False: every call encodes its texts afresh, so a step rounds the same whatever came
     # before it (Back and a step again replay it bit for bit)
     text_emb = clip.embed_text_groups(groups, remember=False).double()  # (B, n, d), L2-normalised
@@ -215,14 +221,14 @@ def zerocap_step(
     """One ZeroCap step (module docstring, 1-4) for rows of ids of equal length (prefix and
     generated ids), ``step`` counting the generated ids."""
     ids = torch.tensor([list(r) for r in rows], device=lm.device)
-    texts = [_clip_prefix_text(lm, r) for r in rows]
+    read = [clip_ids(lm, r) for r in rows]
     last = ids[:, -1:]
     if ids.shape[1] > 1:
         context = lm.forward(ids[:, :-1])[2]
         log_p0 = torch.log_softmax(lm.forward(last, cache=context)[0][:, -1].double(), dim=-1)
         delta, log_ps, targets = shift_context(
             lm, context, last, log_p0,
-            lambda p: clip_target(p, texts, lm, clip, image_embedding, s.candidates, s.clip_temperature), s)
+            lambda p: clip_target(p, read, lm, clip, image_embedding, s.candidates, s.clip_temperature), s)
         shifted = [(k + dk, v + dv) for (k, v), (dk, dv) in zip(context, delta)]
         logits = lm.forward(last, cache=shifted)[0][:, -1].double()
     else:  # no context to shift
@@ -233,10 +239,13 @@ def zerocap_step(
     return StepMath(log_p0, log_ps, targets, log_p_shift, fuse(log_p_shift, log_p0, s.fusion_factor))
 
 
-def _clip_prefix_text(lm: LanguageModel, ids: Sequence[int]) -> str:
-    """The text CLIP reads before a candidate: the ids decoded, start token removed."""
-    text = lm.decode(ids)
-    return text.replace(lm.sos_token, "") if lm.sos_token else text
+def clip_ids(lm: LanguageModel, ids: Sequence[int]) -> list[int]:
+    """The ids whose text CLIP reads before a candidate: ``ids`` without its leading start tokens
+    (the public code removes the BOS string from the decoded text)."""
+    start = 0
+    while start < len(ids) and ids[start] == lm.sos_token_id:
+        start += 1
+    return list(ids[start:])
 
 
 # -- the search -------------------------------------------------------------------------------

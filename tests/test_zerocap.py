@@ -61,7 +61,7 @@ def reference_step(lm, clip, image_embedding, row: list[int], step: int, s: Zero
         past = lm.model(ids[:, :-1], use_cache=True).past_key_values
     context = [[key, value] for key, value, *_ in past]
     delta = [[torch.zeros_like(key), torch.zeros_like(value)] for key, value in context]
-    prefix_text = lm.decode(row).replace(lm.sos_token, "")
+    body = [i for i in row if i != lm.sos_token_id]  # what CLIP reads: no start token
     vocab = p0.shape[0]
     n = min(s.candidates, vocab)
     for _ in range(s.num_iterations):
@@ -73,7 +73,7 @@ def reference_step(lm, clip, image_embedding, row: list[int], step: int, s: Zero
         cosines = []
         with torch.no_grad():
             for v in order:
-                text = (prefix_text + lm.decode([v])).split(lm.eos_token)[0]
+                text = lm.decode(body + [v]).split(lm.eos_token)[0]
                 emb = clip.model.encode_text(clip.tokenizer([text]))[0].double()
                 cosines.append(float(emb @ image_embedding.double() / emb.norm()))
         weights = [math.exp(c / s.clip_temperature) for c in cosines]
@@ -292,6 +292,32 @@ def test_the_toy_world_gets_a_caption():
     assert len(record.iteration_probs) == 5 and len(record.iteration_targets) == 5  # 5 iterations
     assert 0 < sum(out.trace.steps[0].fused_prob) <= 1 + 1e-9 and record.cost.lm_backwards == 5
     assert out.trace.settings["decoder"] == "zerocap" and out.trace.settings["prompt"] == "Image of a"
+
+
+def test_clip_reads_each_candidate_decoded_with_its_text_on_a_word_level_tokenizer():
+    """The toy LM's tokenizer joins words with spaces: CLIP must read "a large green", not the
+    "a largegreen" that appending each token's own string to the decoded prefix would give (the
+    public code's way, exact only for GPT-2's byte-level BPE). Checked against decoding every
+    candidate's ids in full, one text at a time, and CLIP's own embeddings."""
+    from magic_edu.toyworld import report
+    from magic_edu.zerocap import clip_ids, clip_target
+
+    models = magic_edu.load_models("toy")
+    lm, clip = models.lm, models.clip
+    image_embedding = clip.embed_image(report.held_out_scenes(1, multi=False)[0].image).reshape(-1).double()
+    row = lm.prefix_ids(None) + lm.tokenizer("a large")["input_ids"]
+    body = clip_ids(lm, row)
+    assert lm.decode(body) == "a large"
+    p = torch.softmax(torch.randn(1, lm.vocab_size, generator=torch.Generator().manual_seed(0)).double(), dim=-1)
+    target = clip_target(p, [body], lm, clip, image_embedding, candidates=12, temperature=0.05)[0]
+    top = p[0].topk(12).indices.tolist()
+    texts = [lm.decode(body + [v]).split(lm.eos_token)[0] for v in top]
+    assert "a large green" in texts or lm.tokenizer.convert_tokens_to_ids("green") not in top
+    with torch.no_grad():
+        cosines = torch.stack([clip.embed_texts([t])[0].double() @ image_embedding for t in texts])
+    want = torch.zeros(lm.vocab_size, dtype=torch.float64)
+    want[top] = torch.softmax(cosines / 0.05, dim=0)
+    torch.testing.assert_close(target, want, atol=1e-6, rtol=1e-5)
 
 
 # -- the Stepper ---------------------------------------------------------------------------------

@@ -192,10 +192,13 @@ def results_table(out: Path = Path("data/toy"), n: int = 200) -> tuple[str, dict
     ]
     examples = [(s, texts_single["magic"][i]) for i, s in enumerate(single[:3])]
     examples += [(s, texts_multi["magic"][i]) for i, s in enumerate(multi[:3])]
-    lines += ["", f"Examples ({DECODERS['magic'].label}):", ""]
-    for s, t in examples:
-        truth = ", ".join(f"{o.size} {o.colour} {o.shape} ({o.position})" for o in s.objects)
-        lines.append(f"- seed {s.seed}: *{t}*  (image: {truth})")
+    zerocap = [(s, texts_single["zerocap"][i]) for i, s in enumerate(single[:3])]
+    zerocap += [(s, texts_multi["zerocap"][i]) for i, s in enumerate(multi[:3])]
+    for label, shown in ((DECODERS["magic"].label, examples), (DECODERS["zerocap"].label, zerocap)):
+        lines += ["", f"Examples ({label}):", ""]
+        for s, t in shown:
+            truth = ", ".join(f"{o.size} {o.colour} {o.shape} ({o.position})" for o in s.objects)
+            lines.append(f"- seed {s.seed}: *{t}*  (image: {truth})")
     speed = {"zerocap_ms": zerocap_ms, "magic_ms": magic_ms, "captions": captions}
     return "\n".join(lines) + "\n", {"rows": rows, "defaults": defaults, "n": n, "speed": speed}
 

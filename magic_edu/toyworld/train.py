@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         print(table)
         lm, _, clip, defaults = load_toy(out)
         print(f"A toy MAGIC caption takes {magic_milliseconds(lm, clip, defaults):.1f} ms on this machine "
-              f"({args.threads} threads, one image at a time).\n")
+              f"({args.threads} thread{'s' if args.threads > 1 else ''}, one image at a time).\n")
         print(story_examples(out, image_dir=args.stories_dir))
         return 0
     if args.tune_only:
