@@ -4,13 +4,19 @@ A :class:`Trace` is a list of :class:`StepRecord` plus the settings it was made 
 ``trace.to_frame()`` gives one row per (step, candidate) with the columns
 
     step, rank, token, token_id, lm_prob, degeneration_penalty, penalty_position,
-    clip_text, clip_cosine, clip_score, score, sample_prob, beam, next_beam,
+    clip_text, clip_cosine, clip_score, score, wins_beta_low, wins_beta_high, wins_alpha_low,
+    wins_alpha_high, sample_prob, beam, next_beam,
     hypothesis_score, steered_prob, fused_prob, chosen, forced, lm_forwards, lm_tokens, lm_backwards, clip_texts,
     clip_text_tokens, clip_images, seconds
 
 where score = (1 - alpha) * lm_prob - alpha * degeneration_penalty + beta * clip_score
-for contrastive and MAGIC search; for greedy and sampling, score = lm_prob, and sampling adds
-sample_prob, the probability of being drawn (the filtered distribution); for beam search,
+for contrastive and MAGIC search; after score come four columns derived from the stored ones
+(:mod:`magic_edu.tools.explain`, not saved in the file): wins_beta_low, wins_beta_high (the beta
+interval, alpha fixed at the decode's, in which the candidate would win; low inf where it never
+does) and wins_alpha_low, wins_alpha_high (the alpha interval in [0, 1], beta fixed; NaN where
+it never wins), NaN for the decoders that do not score candidates and for beta without CLIP;
+for greedy and sampling, score = lm_prob, and sampling adds sample_prob, the probability of
+being drawn (the filtered distribution); for beam search,
 score is the cumulative log-probability of the beam plus the candidate, and beam, next_beam
 and hypothesis_score say where each candidate came from and went (see :class:`StepRecord`);
 for ZeroCap, lm_prob is p0 (the LM unsteered), steered_prob p after the last gradient step,
@@ -153,6 +159,8 @@ class Trace:
 
     def to_frame(self) -> pd.DataFrame:
         """A long DataFrame: one row per step and candidate."""
+        from .tools.explain import flip_columns  # derived columns; explain reads traces, so imported here
+
         rows = []
         for s in self.steps:
             optional = {name: getattr(s, name) or [fill] * s.k for name, fill in OPTIONAL_COLUMNS.items()}
@@ -180,7 +188,11 @@ class Trace:
         columns = ["step", "rank", "token", "token_id", "lm_prob", "degeneration_penalty", "penalty_position",
                    "clip_text", "clip_cosine", "clip_score", "score", *OPTIONAL_COLUMNS, "chosen", "forced",
                    *COUNTS, "seconds"]
-        return pd.DataFrame(rows, columns=columns)
+        frame = pd.DataFrame(rows, columns=columns)
+        flips = flip_columns(self)
+        for n, name in enumerate(flips):  # after score
+            frame.insert(columns.index("score") + 1 + n, name, pd.Series(flips[name], dtype=float))
+        return frame
 
     def chosen_frame(self) -> pd.DataFrame:
         """Only the chosen candidate of every step."""
@@ -259,6 +271,12 @@ class Trace:
         except OSError as err:
             raise MagicEduError(f"path: cannot read {path} ({err})") from None
         return cls.from_dict(data, source=path)
+
+    def to_html(self, path: str | os.PathLike, image: Any = None) -> Path:
+        """This decode as one self-contained HTML page (:func:`magic_edu.views.export.export_html`)."""
+        from .views.export import export_html
+
+        return export_html(self, path, image=image)
 
 
 # the per-candidate columns older files lack (version 1: the first four; before 4: the last two), and what

@@ -224,3 +224,91 @@ def test_step_through_in_jupyterlab(chromium, jupyterlab, tmp_path):
             raise
         finally:
             context.close()
+
+
+# -- an exported decode, opened from disk with the network blocked ---------------------------------
+def test_exported_decode_steps_in_chromium_without_network(chromium, tmp_path):
+    """``export_html``'s page, opened as a file:// URL with every other request aborted (and none
+    attempted): the first step's text and candidate table, then Next and the ArrowRight key."""
+    from playwright.sync_api import sync_playwright
+
+    from magic_edu.decoding import Stepper
+    from magic_edu.presets import data_dir, load_models
+    from magic_edu.toyworld import shapes
+    from magic_edu.views.export import export_html
+
+    if not (data_dir() / "toy" / "defaults.json").is_file():
+        pytest.skip(f"the toy models are not in {data_dir() / 'toy'}")
+    toy = load_models("toy")
+    scene = shapes.make_scene(shapes.HELD_OUT_SEED)
+    stepper = Stepper(toy.lm, "magic", clip=toy.clip, image=scene.image)
+    stepper.step()
+    second = stepper.step()
+    stepper.back()  # force step 1's second-best candidate, so a forced token is on the page
+    stepper.step(force=second.token_ids[1] if second.chosen != 1 else second.token_ids[0])
+    trace = stepper.run()[0].trace
+    page_file = export_html(trace, tmp_path / "decode.html", image=scene.image)
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    shot = OUTPUT / "export_decode.png"
+    shot.unlink(missing_ok=True)
+
+    outside: list[str] = []
+
+    def only_files(route) -> None:
+        if route.request.url.startswith(("file://", "data:")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1000, "height": 900})
+        context.route("**/*", only_files)
+        page = context.new_page()
+        page.on("request", lambda r: None if r.url.startswith(("file://", "data:")) else outside.append(r.url))
+        try:
+            page.goto(page_file.resolve().as_uri(), wait_until="load")
+
+            def shown() -> tuple[str, str, list[str]]:
+                rows = page.locator("#candidates tbody tr")
+                return (page.locator("#step-label").inner_text(), page.locator("#text").inner_text(),
+                        [rows.nth(i).inner_text() for i in range(rows.count())])
+
+            label, text, rows = shown()
+            first = trace.steps[0]
+            assert label == f"Step 0 (1 of {len(trace.steps)})"
+            assert text.split() == ["⟨start_of_text⟩", first.chosen_token]
+            assert len(rows) == first.k and rows[first.chosen].rstrip().endswith("◀ chosen")
+            assert [r.split("\t")[1] for r in rows] == first.tokens
+            headers = page.locator("#candidates thead th").all_inner_texts()
+            assert headers[:6] == ["rank", "token", "p(v|x)", "degeneration penalty", "CLIP score", "score"]
+            assert page.locator("#prev").is_disabled() and page.get_by_role("button", name="next step").is_enabled()
+            assert page.locator("img#image").evaluate("img => img.complete && img.naturalWidth > 0")
+
+            page.get_by_role("button", name="next step").click()
+            label, text, rows = shown()
+            forced = trace.steps[1]
+            assert label == f"Step 1 (2 of {len(trace.steps)})"
+            assert text.split() == ["⟨start_of_text⟩", first.chosen_token, forced.chosen_token]
+            assert [r.split("\t")[1] for r in rows] == forced.tokens
+            assert rows[forced.chosen].rstrip().endswith("◀ forced")
+            assert page.locator("#text .tok.forced").count() == 1
+
+            page.keyboard.press("ArrowRight")
+            label, text, rows = shown()
+            third = trace.steps[2]
+            assert label == f"Step 2 (3 of {len(trace.steps)})"
+            assert page.locator("#text .tok.newest").inner_text() == third.chosen_token
+            assert [r.split("\t")[1] for r in rows] == third.tokens
+            page.keyboard.press("End")
+            assert page.locator("#step-label").inner_text().startswith(f"Step {len(trace.steps) - 1} ")
+            page.keyboard.press("Home")
+            page.keyboard.press("ArrowRight")
+            page.keyboard.press("ArrowRight")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            context.close()
+            browser.close()
+    assert outside == [], f"the page tried to reach {outside}"
+    assert shot.is_file()

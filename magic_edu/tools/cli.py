@@ -5,6 +5,7 @@
                       [--k K] [--alpha A] [--beta B] [--p P] [--seed S] [--max-new-tokens N] ...
     magic-edu bench [--models toy|paper-size|all]
     magic-edu toy [--report | --tune-only | --quick] [--out data/toy]
+    magic-edu export TRACE.json -o decode.html [--image IMAGE] [--title TITLE]
 
 Each subcommand is one ``add_*_command(subparsers)`` function listed in :data:`SUBCOMMANDS`;
 a new one (``bench``, ...) is added by writing such a function and appending it there.
@@ -469,9 +470,39 @@ def add_toy_command(subparsers: Any) -> None:
     add(subparsers)
 
 
+# -- export --------------------------------------------------------------------------------
+def add_export_command(subparsers: Any) -> None:
+    """``magic-edu export``: a saved trace as one self-contained HTML page."""
+    p = subparsers.add_parser(
+        "export", help="write a saved trace as one self-contained HTML page",
+        description="Write a trace file (Trace.save) as one HTML page that steps through the decode in any "
+                    "browser: no kernel, no network (script, styles, data and image inline).")
+    p.add_argument("trace", metavar="TRACE.json", help="the trace file")
+    p.add_argument("-o", "--out", required=True, metavar="decode.html", help="the HTML file to write")
+    p.add_argument("--image", help="the decode's image, embedded (downscaled to at most 256 pixels a side)")
+    p.add_argument("--title", help="the page's heading (default: the decoder's name)")
+    p.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from ..inputs import load_image
+    from ..trace import Trace
+    from ..views.export import export_html
+
+    trace = Trace.load(args.trace)
+    image = load_image(args.image, name=f"--image {args.image}") if args.image else None
+    out = Path(args.out)
+    try:
+        export_html(trace, out, image=image, title=args.title)
+    except OSError as err:
+        raise MagicEduError(f"--out {out}: cannot write it ({err})") from None
+    print(f"wrote {out}: {len(trace.steps)} steps, {out.stat().st_size:,} bytes")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[Any], None]] = [add_evaluate_command, add_caption_command, add_bench_command,
-                                            add_toy_command]
+                                            add_toy_command, add_export_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

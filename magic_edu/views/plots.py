@@ -7,6 +7,9 @@
     >>> plot_clip_step(gen.trace, 2, image), plot_clip_over_decode(gen.trace)
     >>> plot_decoders([greedy, contrastive, magic])  # where and why the paths split
     >>> plot_beams(beam_search(lm, num_beams=4).trace)  # beam search's tree of hypotheses
+    >>> plot_decision_map(gen.trace, 2)  # which token wins at every (alpha, beta) of step 2
+    >>> plot_choice_room(gen.trace)      # per step, the alpha and beta for which the choice holds
+    >>> plot_occlusion(step_occlusion(gen.trace, 2, clip, image))  # what in the image decided
 
 Every function returns a matplotlib Figure (made without pyplot, so a notebook shows it once
 and nothing leaks). Colours are the Okabe-Ito palette and colour-blind safe colour maps
@@ -20,13 +23,15 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps, patheffects, transforms
+from matplotlib import colormaps, patheffects, ticker, transforms
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure as MplFigure
 from matplotlib.figure import SubFigure
+from matplotlib.patches import Polygon, Rectangle
 
 from ..errors import MagicEduError
 from ..inputs import ImageLike, load_image
+from ..tools import explain
 from ..tools.analysis import (
     TraceLike,
     as_trace,
@@ -634,3 +639,188 @@ def plot_sweep(frame: Any, value: str = "clip_cosine", x: str | None = "alpha", 
         ax.set_title(value + ("" if f is None else f"  ({facet}={f:g})"), fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8)
     return fig.figure
+
+
+# -- why this token: decision maps, the room of each choice, occlusion ----------------------------------
+REGION_COLOURS = ("orange", "sky", "green", "yellow", "blue", "vermillion", "purple", "grey")
+REGION_HATCHES = ("", "//", "..", "xx")  # after the eight colours: the same colours hatched
+SETTING_LABEL = "this step's setting"
+
+
+def _region_style(n: int) -> dict[str, Any]:
+    """The n-th region's fill: an Okabe-Ito colour, hatched from the ninth region on."""
+    return {"facecolor": OKABE_ITO[REGION_COLOURS[n % len(REGION_COLOURS)]],
+            "hatch": REGION_HATCHES[(n // len(REGION_COLOURS)) % len(REGION_HATCHES)]}
+
+
+def _region_label(record: StepRecord, index: int, own: int) -> str:
+    return f"{CHOSEN_MARK if index == own else ''}{_token(record.tokens[index])} #{index + 1}"
+
+
+def plot_decision_map(trace: TraceLike, step: int = -1, *, beta_max: float | None = None,
+                      ax: Axes | None = None) -> MplFigure:
+    """Which candidate of one step wins at every alpha in [0, 1] and beta in [0, ``beta_max``]
+    (:func:`~magic_edu.tools.explain.decision_regions`; default beta_max: every region shows). Each
+    region is drawn as its exact polygon, coloured (Okabe-Ito, hatched after eight) and labelled
+    inside with its token and rank (▶: the decoder's choice at the step's setting); a star marks
+    the step's (alpha, beta), dotted lines the two slices of the flip points. Contrastive search
+    has no CLIP term: the map is then the alpha line alone."""
+    trace = as_trace(trace)
+    dmap = explain.decision_regions(trace, step, beta_max=beta_max)
+    record = dmap.record
+    own = dmap.winner(dmap.alpha, dmap.beta)
+    one_d = dmap.beta is None
+    fig, ax = _figure(ax, (6.8, 2.2) if one_d else (6.8, 5.2))
+    for n, region in enumerate(dmap.regions):
+        style, label = _region_style(n), _region_label(record, region.index, own)
+        if one_d:
+            ax.barh(0.0, region.alpha.high - region.alpha.low, left=region.alpha.low, height=1.0,
+                    edgecolor="white", linewidth=1.5, label=label, **style)
+        else:
+            ax.add_patch(Polygon(region.polygon, closed=True, edgecolor="white", linewidth=1.5, label=label, **style))
+        ax.text(*region.label_point, label, ha="center", va="center", fontsize=8, path_effects=_outlined(),
+                fontweight="bold" if region.index == own else "normal", zorder=5)
+    settings = f"α = {dmap.alpha:g}" + ("" if one_d else f", β = {dmap.beta:g}")
+    ax.plot(dmap.alpha, 0.0 if one_d else dmap.beta, linestyle="none", marker="*", markersize=16, color="black",
+            markeredgecolor="white", label=f"{SETTING_LABEL} ({settings})", zorder=6)
+    ax.axvline(dmap.alpha, color="black", linestyle=":", linewidth=1)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("α: weight of the degeneration penalty")
+    if one_d:
+        ax.set_ylim(-0.5, 0.5)
+        ax.set_yticks([])
+        title = (f"step {record.step}: which token wins at each α (contrastive search has no CLIP term: "
+                 "only α changes the choice)")
+    else:
+        ax.axhline(dmap.beta, color="black", linestyle=":", linewidth=1)
+        ax.set_ylim(0.0, dmap.beta_max)
+        ax.set_ylabel("β: weight of the CLIP score")
+        title = f"step {record.step}: which token wins at each (α, β)"
+    if dmap.on_boundaries:
+        names = ", ".join(f"“{_token(record.tokens[i])}”" for i in dmap.on_boundaries)
+        title += f"\nwinning only on a boundary (a tie): {names}"
+    ax.set_title(title, fontsize=9, loc="left")
+    _legend_below(ax, offset=30, ncols=3)
+    return fig
+
+
+ROOM_LABELS = {
+    "decided": "the image decided: at β = 0 another token wins",
+    "flips": "a larger β would flip it",
+    "holds": "no β changes it",
+    "never": "forced: wins at no β",
+}
+ROOM_STYLES = {"decided": {"color": OKABE_ITO["orange"], "hatch": "//"}, "flips": {"color": OKABE_ITO["sky"]},
+               "holds": {"color": OKABE_ITO["green"], "hatch": ".."}}
+
+
+def _room_kind(room: explain.ChoiceRoom) -> str:
+    if room.beta is None or room.beta.empty:
+        return "never"
+    return "decided" if room.image_decided else "flips" if room.beta_flips else "holds"
+
+
+def plot_choice_room(trace: TraceLike) -> MplFigure:
+    """Over a contrastive or MAGIC decode, how much room each choice had: per step, the beta interval
+    (alpha fixed at the decode's) and the alpha interval (beta fixed) in which the token taken wins
+    (:func:`~magic_edu.tools.explain.choice_room`), against the decode's setting (the dashed line);
+    the beta axis is linear up to the decode's beta and logarithmic above (a flip can be far away).
+    Beta bars are coloured by what the image did: it decided (without the CLIP term another token
+    wins), a larger beta would flip the choice, or no beta changes it; an arrow marks a bar that
+    goes on to infinity. Contrastive search has no CLIP term: the alpha panel alone."""
+    trace = as_trace(trace)
+    rooms = explain.choice_room(trace)
+    if not rooms:
+        raise MagicEduError("trace: no steps to draw yet")
+    alpha, beta = float(trace.settings["alpha"]), rooms[0].beta is not None
+    x = np.arange(len(rooms))
+    fig = Figure(figsize=(min(5.0 + 0.5 * len(rooms), 16.0), 6.0 if beta else 3.6), layout="constrained")
+    axes = fig.subplots(2 if beta else 1, 1, sharex=True, squeeze=False)[:, 0]
+    if beta:
+        ax, setting = axes[0], float(trace.settings["beta"])
+        ends = [v for r in rooms if not r.beta.empty for v in (r.beta.low, r.beta.high) if np.isfinite(v)]
+        top = 1.3 * max([*ends, setting, 0.1])
+        for kind, label in ROOM_LABELS.items():
+            shown = [n for n, r in enumerate(rooms) if _room_kind(r) == kind]
+            if not shown:
+                continue
+            if kind == "never":
+                ax.plot(x[shown], [setting] * len(shown), linestyle="none", marker="x", markersize=9,
+                        color=OKABE_ITO["vermillion"], label=label)
+                continue
+            low = np.array([rooms[n].beta.low for n in shown])
+            high = np.minimum([rooms[n].beta.high for n in shown], top)
+            ax.bar(x[shown], high - low, bottom=low, width=0.6, edgecolor="black", linewidth=0.6, label=label,
+                   **ROOM_STYLES[kind])
+        endless = [n for n, r in enumerate(rooms) if r.beta is not None and np.isinf(r.beta.high)]
+        ax.plot(x[endless], [top] * len(endless), linestyle="none", marker="^", color="black", markersize=6,
+                label="goes on to β = ∞")
+        ax.axhline(setting, color="black", linestyle="--", linewidth=1, label=f"the decode's β = {setting:g}")
+        ax.set_yscale("symlog", linthresh=max(setting, 0.1))  # linear up to the decode's β, then logarithmic
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))  # 0.1, 1, 10 (no mathtext fonts)
+        ax.set_ylim(0.0, top * 1.05)
+        ax.set_ylabel(f"β for which the token\ntaken wins (α = {alpha:g})", fontsize=8)
+    ax = axes[-1]
+    kinds = ["every α" if r.alpha.low == 0 and r.alpha.high == 1 and not r.alpha.empty else "some α" for r in rooms]
+    for kind, style in (("every α", ROOM_STYLES["holds"]), ("some α", ROOM_STYLES["flips"])):
+        shown = [n for n, k in enumerate(kinds) if k == kind and not rooms[n].alpha.empty]
+        if shown:
+            low = np.array([rooms[n].alpha.low for n in shown])
+            high = np.array([rooms[n].alpha.high for n in shown])
+            label = "no α changes it" if kind == "every α" else "another α would flip it"
+            ax.bar(x[shown], high - low, bottom=low, width=0.6, edgecolor="black", linewidth=0.6, label=label, **style)
+    forced = [n for n, r in enumerate(rooms) if r.alpha.empty]
+    if forced:
+        ax.plot(x[forced], [alpha] * len(forced), linestyle="none", marker="x", markersize=9,
+                color=OKABE_ITO["vermillion"], label="forced: wins at no α")
+    ax.axhline(alpha, color="black", linestyle="--", linewidth=1, label=f"the decode's α = {alpha:g}")
+    ax.set_ylim(0.0, 1.05)
+    ax.set_ylabel("α for which the token\ntaken wins" + (f" (β = {trace.settings['beta']:g})" if beta else ""),
+                  fontsize=8)
+    fig.suptitle(f"how much room each choice had  ({_settings_line(trace)}"
+                 + (")" if beta else "; no CLIP term: only α)"), fontsize=9)
+    handles = {}
+    for a in axes:
+        handles.update({h.get_label(): h for h in a.get_legend_handles_labels()[0]})
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=2, fontsize=7,
+               frameon=False)
+    ax.set_xticks(x, [f"{r.step}\n{_token(r.token, 10)}{' (forced)' if r.forced else ''}" for r in rooms],
+                  fontsize=7)
+    ax.set_xlabel("step and token taken")
+    for a in axes:
+        a.grid(axis="y", alpha=0.3)
+    return fig
+
+
+OCCLUSION_CMAP = colormaps["PuOr"]  # diverging, colour-blind safe
+
+
+def plot_occlusion(occlusion: explain.Occlusion) -> Figure:
+    """An occlusion map (:func:`~magic_edu.tools.explain.occlusion_map`) over its image: beside the
+    image, the image in grey under the map in a diverging colour map (orange: covering the place
+    lowers cos(I, text a) - cos(I, text b), it made CLIP prefer text a; purple: text b), with a
+    colour bar; a square marks the patch whose covering lowers it most."""
+    if not isinstance(occlusion, explain.Occlusion):
+        raise MagicEduError(f"occlusion must be an Occlusion (from occlusion_map or step_occlusion); "
+                            f"got {type(occlusion).__name__}")
+    fig = Figure(figsize=(8.0, 4.0), layout="constrained")
+    ax_img, ax = fig.subplots(1, 2)
+    ax_img.imshow(occlusion.image)
+    ax_img.set_title("image", fontsize=9)
+    ax.imshow(occlusion.image.convert("L"), cmap="gray", vmin=0, vmax=255)
+    extent = max(float(np.abs(occlusion.map).max()), 1e-12)
+    shown = ax.imshow(occlusion.map, cmap=OCCLUSION_CMAP.reversed(), vmin=-extent, vmax=extent, alpha=0.7,
+                      interpolation="nearest")
+    fig.colorbar(shown, ax=ax, shrink=0.85, label="drop of cos(I, a) − cos(I, b) when covered")
+    r, q = np.unravel_index(int(np.argmax(occlusion.drops)), occlusion.drops.shape)
+    ax.add_patch(Rectangle((occlusion.lefts[q] - 0.5, occlusion.tops[r] - 0.5), occlusion.patch, occlusion.patch,
+                           fill=False, edgecolor="black", linewidth=2, label="covering this lowers it most"))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.04), fontsize=7, frameon=False)
+    ax.set_title(f"a: “{_shorten(occlusion.text_a, 30)}”\nb: “{_shorten(occlusion.text_b, 30)}”  "
+                 f"(cos a − cos b = {occlusion.margin:+.3f})", fontsize=8, loc="left")
+    for a in (ax_img, ax):
+        a.set_xticks([])
+        a.set_yticks([])
+    fig.suptitle("what in the image makes CLIP prefer text a over text b (patches covered one at a time)",
+                 fontsize=9)
+    return fig

@@ -31,7 +31,7 @@ from ..errors import MagicEduError
 from ..photos import list_sample_photos, load_sample_photo, load_user_image
 from ..presets import ModelSet
 from ..registry import DECODERS, MAX_NEW_TOKENS, Decoder, Param, get_decoder
-from ..tools import analysis
+from ..tools import analysis, explain
 from ..toyworld import shapes
 from ..toyworld.shapes import HELD_OUT_SEED
 from ..trace import Generation, StepRecord, Trace
@@ -397,6 +397,12 @@ class StepThrough(W.VBox):
 
     Changing a setting (decoder, k, alpha, beta, length, prompt, image) decodes again with the
     new settings up to the same step.
+
+    For contrastive and MAGIC search, under the table: for which alpha and beta the token taken
+    holds and which other candidate another setting would make win (from the trace, no model
+    work); **decision map** draws the step's map (:func:`~magic_edu.views.plots.plot_decision_map`)
+    while it is on; for MAGIC, **what in the image?** draws the occlusion map of the token taken
+    against the candidate picked in **compare with** (one CLIP image per covered square).
     """
 
     def __init__(self, models: ModelSet, image: Any = None, *, decoder: str = "magic", plot: bool = True) -> None:
@@ -426,6 +432,21 @@ class StepThrough(W.VBox):
         self.table = W.VBox([self.table_title, W.HBox([W.HTML(layout=W.Layout(width="64px")), self.header])])
         self.plot = W.Image(format="png", layout=W.Layout(max_width="640px"))
         self.show_plot = plot
+        self.explain_text = W.HTML()
+        self.map_toggle = W.ToggleButton(value=False, description="decision map", icon="map",
+                                         tooltip="which token wins at every (alpha, beta) of the shown step")
+        self.compare_with = W.Dropdown(options=[], description="compare with", style={"description_width": "initial"},
+                                       tooltip="the candidate whose CLIP text the occlusion map compares with")
+        self.occlusion_button = W.Button(description="what in the image?", icon="eye",
+                                         tooltip="cover the image one square at a time: what makes CLIP prefer the "
+                                                 "token taken over the candidate picked")
+        self.map_plot = W.Image(format="png", layout=W.Layout(max_width="640px"))
+        self.occlusion_plot = W.Image(format="png", layout=W.Layout(max_width="640px"))
+        self._occlusion_box = W.HBox([self.compare_with, self.occlusion_button])
+        self.explain_box = W.VBox([self.explain_text, _row([self.map_toggle, self._occlusion_box]),
+                                   _row([self.map_plot, self.occlusion_plot])])
+        self._map_cache: dict[int, tuple[StepRecord, bytes]] = {}  # id(record) -> (record, its decision map)
+        self._occluded: StepRecord | None = None  # the step the occlusion map shows
         self.stepper: Stepper | None = None
         self._view: int | None = None  # the step shown; None = the latest
         self._reached = (False, 0)  # (had ended, steps taken) of the last decode: a new one goes as far
@@ -437,7 +458,8 @@ class StepThrough(W.VBox):
         settings = W.VBox([self.decoder, self.prompt, *_settings_column(self.controls, self.length)])
         buttons = _row([self.next_button, self.back_button, self.reset_button, self.run_button, self.view])
         body = _row([self.table, self.plot] if plot else [self.table])
-        super().__init__([_row([self.picker, settings]), buttons, self.message, self.text_view, body])
+        super().__init__([_row([self.picker, settings]), buttons, self.message, self.text_view, body,
+                          self.explain_box])
 
         self.next_button.on_click(lambda _: self.next())
         self.back_button.on_click(lambda _: self.back())
@@ -446,6 +468,8 @@ class StepThrough(W.VBox):
         for control in (self.decoder, self.prompt, self.length, *self.controls.values()):
             control.observe(lambda _: self.restart(), names="value")
         self.view.observe(self._view_changed, names="value")
+        self.map_toggle.observe(lambda _: self._toggle_map(), names="value")
+        self.occlusion_button.on_click(lambda _: self.show_occlusion())
         self.picker.on_change(self.restart)
         self.restart()
 
@@ -585,6 +609,7 @@ class StepThrough(W.VBox):
             self._syncing = False
         self.text_view.value = self._text_html()
         self._render_table(record)
+        self._render_explanation(record)
         if self.show_plot:
             self._render_plot(record)
 
@@ -710,6 +735,64 @@ class StepThrough(W.VBox):
                                      columns=ZEROCAP_CELLS)
             row.force.disabled = True
             row.force.description = "–"
+
+    def _explains(self) -> bool:
+        """Whether the decode shown scores candidates (contrastive, MAGIC): then the flip points show."""
+        return self.stepper is not None and self.stepper.spec.scores_candidates
+
+    def _render_explanation(self, record: StepRecord | None) -> None:
+        """The lines on what other setting would change the shown step's choice, the candidates to
+        compare with in an occlusion map, and the decision map if it is on; the occlusion map of
+        another step is cleared. Nothing but arithmetic on the record: no model work."""
+        explains = self._explains()
+        self.explain_box.layout.display = None if explains else "none"
+        self._occlusion_box.layout.display = None if explains and self.stepper.spec.needs_image else "none"
+        if self._occluded is not record:
+            self.occlusion_plot.value, self._occluded = b"", None
+        if not explains or record is None:
+            self.explain_text.value, self.compare_with.options, self.map_plot.value = "", [], b""
+            return
+        lines = explain.flip_sentences(self.trace, record.step)
+        self.explain_text.value = ("<b>What would change this choice</b> (from the scores alone):<ul style='margin:0'>"
+                                   + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>")
+        others = [i for i in range(record.k) if i != record.chosen]
+        self.compare_with.options = [(f"#{i + 1} {analysis.token_label(record.tokens[i])}", i) for i in others]
+        if others:
+            self.compare_with.value = max(others, key=lambda i: record.score[i])  # the runner-up
+        self._render_map(record)
+
+    @guarded
+    def _toggle_map(self) -> None:
+        self._render_map(self.shown_record())
+
+    def _render_map(self, record: StepRecord | None) -> None:
+        """The shown step's decision map while the toggle is on (drawn once per record: a small cache)."""
+        if not (self.map_toggle.value and self._explains() and record is not None):
+            self.map_plot.value = b""
+            return
+        cached = self._map_cache.get(id(record))
+        if cached is None or cached[0] is not record:
+            cached = (record, figure_png(plots.plot_decision_map(self.trace, record.step)))
+            self._map_cache[id(record)] = cached
+            if len(self._map_cache) > PNG_CACHE:
+                self._map_cache.pop(next(iter(self._map_cache)))
+        self.map_plot.value = cached[1]
+
+    @guarded
+    def show_occlusion(self) -> None:
+        """Draw the occlusion map of the shown MAGIC step: the token taken against the candidate in
+        **compare with** (a message shows while CLIP runs)."""
+        record = self.shown_record()
+        if not (self._explains() and self.stepper.spec.needs_image):
+            raise MagicEduError("what in the image?: only MAGIC search looks at the image; pick it as the decoder")
+        if record is None or self.compare_with.value is None:
+            raise MagicEduError("what in the image?: take a first step (Next), then pick a candidate to compare with")
+        self.message.value = message_html("covering the image one square at a time and asking CLIP each time "
+                                          "(one image per square) …", error=False)
+        occlusion = explain.step_occlusion(self.trace, record.step, self.models.clip, self.picker.image,
+                                           a=record.chosen, b=self.compare_with.value)
+        self.occlusion_plot.value, self._occluded = figure_png(plots.plot_occlusion(occlusion)), record
+        self.message.value = ""
 
     def _render_plot(self, record: StepRecord | None) -> None:
         """Draw the shown step, unless it is already drawn; records drawn before (Back, the step
