@@ -340,6 +340,26 @@ def test_step_through_snapshot_is_a_static_figure(models, image):
     assert plt.get_fignums() == before  # nothing left open in pyplot
 
 
+def test_step_through_saves_the_decode_as_one_html_page(models, image, tmp_path):
+    """Save HTML writes the decode so far (every step taken, the image for MAGIC) as one page; without
+    a step, or where no file can be written (under a file), it says so in the message."""
+    from magic_edu.views.export import decode_data
+
+    w = StepThrough(models, image)
+    w.save_html(str(tmp_path / "none.html"))
+    assert "take a first step" in w.message.value and not (tmp_path / "none.html").exists()
+    for _ in range(3):
+        w.next_button.click()
+    w.html_path.value = str(tmp_path / "decode.html")
+    w.html_button.click()
+    no_error(w)
+    page = (tmp_path / "decode.html").read_text()
+    assert "wrote" in w.message.value and "<img" in page and "http://" not in page and "https://" not in page
+    assert len(decode_data(w.trace)["steps"]) == 3 and page.count('"step"') >= 3
+    w.save_html(str(tmp_path / "decode.html" / "inside_a_file.html"))
+    assert "cannot write it" in w.message.value and "Traceback" not in w.message.value
+
+
 # -- CompareDecoders -------------------------------------------------------------------------
 def test_compare_decoders_runs_zerocap_when_asked(tiny_lm, tiny_clip, image):
     models = ModelSet(name="tiny", kind="caption", lm=tiny_lm, clip=tiny_clip,

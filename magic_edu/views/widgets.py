@@ -424,6 +424,11 @@ class StepThrough(W.VBox):
         self.run_button = W.Button(description="Run to end", icon="fast-forward")
         self.view = W.IntSlider(value=0, min=0, max=0, description="show step", continuous_update=True,
                                 style={"description_width": "initial"})
+        self.html_path = W.Text(value="decode.html", description="save as", style={"description_width": "initial"},
+                                layout=W.Layout(width="260px"),
+                                tooltip="a self-contained HTML page of this decode: opens in any browser, offline")
+        self.html_button = W.Button(description="Save HTML", icon="download",
+                                    tooltip="write the decode so far (steps, candidates, image) as one HTML file")
         self.message = W.HTML()
         self.text_view = W.HTML()
         self.table_title = W.HTML()
@@ -456,7 +461,8 @@ class StepThrough(W.VBox):
 
         _expose(self, self.controls)
         settings = W.VBox([self.decoder, self.prompt, *_settings_column(self.controls, self.length)])
-        buttons = _row([self.next_button, self.back_button, self.reset_button, self.run_button, self.view])
+        buttons = _row([self.next_button, self.back_button, self.reset_button, self.run_button, self.view,
+                        self.html_path, self.html_button])
         body = _row([self.table, self.plot] if plot else [self.table])
         super().__init__([_row([self.picker, settings]), buttons, self.message, self.text_view, body,
                           self.explain_box])
@@ -465,6 +471,7 @@ class StepThrough(W.VBox):
         self.back_button.on_click(lambda _: self.back())
         self.reset_button.on_click(lambda _: self.reset())
         self.run_button.on_click(lambda _: self.run_to_end())
+        self.html_button.on_click(lambda _: self.save_html())
         for control in (self.decoder, self.prompt, self.length, *self.controls.values()):
             control.observe(lambda _: self.restart(), names="value")
         self.view.observe(self._view_changed, names="value")
@@ -501,6 +508,26 @@ class StepThrough(W.VBox):
         """Step until the decode ends (EOS or the length)."""
         self._need_stepper().run()
         self._show_latest()
+
+    @guarded
+    def save_html(self, path: str | None = None) -> None:
+        """Write the decode so far as one self-contained HTML page (:func:`magic_edu.views.export.export_html`)
+        at ``path`` (default: the **save as** box), the image included."""
+        from .export import export_html
+
+        if self.trace is None or not self.trace.steps:
+            raise MagicEduError("save as HTML: take a first step (Next) to have a decode to save")
+        target = (path if path is not None else self.html_path.value).strip()
+        if not target:
+            raise MagicEduError("save as: give a file name, e.g. decode.html")
+        image = self.picker.image if self.stepper.spec.needs_image else None
+        try:
+            written = export_html(self.trace, target, image=image)
+        except OSError as err:
+            raise MagicEduError(f"save as {target}: cannot write it ({err.strerror or err})") from None
+        size = written.stat().st_size / 1024
+        self.message.value = message_html(f"wrote {html.escape(str(written))} ({size:.0f} KB): open it in any browser, "
+                                          "no kernel needed", error=False)
 
     def _show_latest(self) -> None:
         """Show the last step taken (not an earlier one picked in the history)."""
