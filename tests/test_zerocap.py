@@ -320,6 +320,29 @@ def test_clip_reads_each_candidate_decoded_with_its_text_on_a_word_level_tokeniz
     torch.testing.assert_close(target, want, atol=1e-6, rtol=1e-5)
 
 
+def test_on_the_toy_world_clip_knows_the_colour_but_the_steps_barely_move_the_lm():
+    """The README's reading of ZeroCap's toy row, on the first held-out scene (a large green star):
+    after "a large", CLIP's target ranks "green" above every other colour, yet the gradient steps
+    move no shown candidate's probability by 0.1: the LM finds the colours about equally likely, and
+    ZeroCap takes another one."""
+    from magic_edu.toyworld import report, shapes
+
+    models = magic_edu.load_models("toy")
+    scene = report.held_out_scenes(1, multi=False)[0]
+    assert [(o.size, o.colour, o.shape) for o in scene.objects] == [("large", "green", "star")]
+    stepper = Stepper(models.lm, "zerocap", clip=models.clip, image=scene.image, prompt=None, max_new_tokens=3)
+    records = [stepper.step() for _ in range(3)]
+    record = records[2]
+    assert record.text == "a large"
+    target = {t.strip(): x for t, x in zip(record.tokens, record.clip_score)}
+    shown = [c for c in shapes.COLOURS if c in target]
+    assert "green" in shown and max(shown, key=target.get) == "green"
+    assert max(abs(p - p0) for p, p0 in zip(record.steered_prob, record.lm_prob)) < 0.1
+    colours = [p0 for t, p0 in zip(record.tokens, record.lm_prob) if t.strip() in shown]
+    assert max(colours) - min(colours) < 0.05  # the LM alone: no colour stands out
+    assert record.tokens[record.chosen].strip() != "green"
+
+
 # -- the Stepper ---------------------------------------------------------------------------------
 def test_the_steppers_trace_holds_the_written_out_steps_distributions(tiny_lm64, tiny_clip64):
     """Every shown candidate of every live beam: lm_prob = p0, steered_prob = p after the last
