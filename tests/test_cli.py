@@ -54,7 +54,7 @@ def results_file(tmp_path) -> Path:
 
 @pytest.fixture
 def stub_meteor(monkeypatch):
-    monkeypatch.setattr(evaluation, "_meteor", lambda coco, gts, res: 0.25)
+    monkeypatch.setattr(evaluation, "_meteor", lambda coco, pairs: dict.fromkeys(pairs, 0.25))
 
 
 @needs_coco

@@ -142,7 +142,20 @@ def pairs_of(results: list[dict]) -> list[tuple[str, list[str]]]:
 @pytest.fixture
 def stub_meteor(monkeypatch):
     """METEOR replaced by a constant where a test is about something else (saves a JVM start)."""
-    monkeypatch.setattr(evaluation, "_meteor", lambda coco, gts, res: 0.25)
+    monkeypatch.setattr(evaluation, "_meteor", lambda coco, pairs: dict.fromkeys(pairs, 0.25))
+
+
+@needs_coco
+def test_several_result_sets_at_once_score_as_one_call_each():
+    """compare_caption_metrics (one tokenizer run, one METEOR process) gives each set exactly what
+    caption_metrics gives it alone, METEOR included; sets may cover different images."""
+    other = [entry(e["image_name"], e["captions"], " ".join(reversed(e["prediction"].split()))) for e in CORPUS]
+    together = evaluation.compare_caption_metrics({"as written": CORPUS, "reversed": other, "two": CORPUS[:2]})
+    assert together == {"as written": caption_metrics(CORPUS), "reversed": caption_metrics(other),
+                        "two": caption_metrics(CORPUS[:2])}
+    assert together["as written"]["BLEU-4"] > together["reversed"]["BLEU-4"]
+    with pytest.raises(MagicEduError, match="systems must be a non-empty mapping"):
+        evaluation.compare_caption_metrics({})
 
 
 @needs_coco

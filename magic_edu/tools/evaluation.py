@@ -117,43 +117,65 @@ def caption_metrics(results: ResultsLike, spice: bool = False) -> dict[str, floa
     SPICE runs only with ``spice=True`` and its Stanford CoreNLP models present; otherwise
     it is left out with a warning. Needs Java on PATH.
     """
-    scores, notes = _caption_metrics(load_results(results), spice)
+    return compare_caption_metrics({"": results}, spice)[""]
+
+
+def compare_caption_metrics(systems: Mapping[str, ResultsLike], spice: bool = False) -> dict[str, dict[str, float]]:
+    """:func:`caption_metrics` of several result sets (e.g. one per decoder), by name: the same
+    figures as one call each, with one run of the PTB tokenizer over all captions and one METEOR
+    process for all sets (each a Java start; METEOR's takes about 10 s)."""
+    if not isinstance(systems, Mapping) or not systems:
+        raise MagicEduError(f"systems must be a non-empty mapping of name -> results; got {systems!r:.80}")
+    scores, notes = _caption_metrics({name: load_results(results) for name, results in systems.items()}, spice)
     for note in notes:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=3)
     return scores
 
 
-def _caption_metrics(entries: list[dict[str, Any]], spice: bool) -> tuple[dict[str, float], list[str]]:
+def _caption_metrics(systems: dict[str, list[dict[str, Any]]], spice: bool
+                     ) -> tuple[dict[str, dict[str, float]], list[str]]:
     coco = _import_pycocoevalcap()
     if shutil.which("java") is None:
         raise MagicEduError(f"pycocoevalcap's PTB tokenizer and METEOR run on Java, and no `java` is on PATH; "
                             f"{JAVA_HINT}")
-    gts = {i: [{"caption": _one_line(r)} for r in e["captions"]] for i, e in enumerate(entries)}
-    res = {i: [{"caption": _one_line(e["prediction"])}] for i, e in enumerate(entries)}
+    # every caption of every set tokenized in one run, keyed (set, image index)
+    gts = {(name, i): [{"caption": _one_line(r)} for r in e["captions"]]
+           for name, entries in systems.items() for i, e in enumerate(entries)}
+    res = {(name, i): [{"caption": _one_line(e["prediction"])}]
+           for name, entries in systems.items() for i, e in enumerate(entries)}
     try:
         tokenizer = coco.PTBTokenizer()
         gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
     except OSError as err:  # it writes a temporary file next to its jar
         raise MagicEduError(f"pycocoevalcap's PTB tokenizer failed: {err}") from err
-    if [len(gts.get(i, ())) for i in range(len(entries))] != [len(e["captions"]) for e in entries] or \
-            len(res) != len(entries):
-        raise MagicEduError("pycocoevalcap's PTB tokenizer lost lines; check the captions for odd characters")
+    pairs = {}
+    for name, entries in systems.items():
+        g = {i: gts.get((name, i), []) for i in range(len(entries))}
+        r = {i: res[(name, i)] for i in range(len(entries)) if (name, i) in res}
+        if [len(g[i]) for i in range(len(entries))] != [len(e["captions"]) for e in entries] or \
+                len(r) != len(entries):
+            raise MagicEduError("pycocoevalcap's PTB tokenizer lost lines; check the captions for odd characters")
+        pairs[name] = (g, r)
 
-    bleu, _ = coco.Bleu(4).compute_score(gts, res, verbose=0)
-    scores = {f"BLEU-{n + 1}": 100.0 * float(b) for n, b in enumerate(bleu)}
-    scores["METEOR"] = 100.0 * _meteor(coco, gts, res)
-    scores["ROUGE-L"] = 100.0 * float(coco.Rouge().compute_score(gts, res)[0])
-    scores["CIDEr"] = 100.0 * float(coco.Cider().compute_score(gts, res)[0])
-    notes = []
-    if len(entries) == 1:
-        notes.append("CIDEr is 0 by construction for a single image (its idf needs several images)")
-    if spice:
-        value, note = _spice(coco, gts, res)
-        if value is not None:
-            scores["SPICE"] = 100.0 * value
-        if note:
-            notes.append(note)
-    return scores, notes
+    meteor = _meteor(coco, pairs)
+    out, notes = {}, []
+    for name, (g, r) in pairs.items():
+        bleu, _ = coco.Bleu(4).compute_score(g, r, verbose=0)
+        scores = {f"BLEU-{n + 1}": 100.0 * float(b) for n, b in enumerate(bleu)}
+        scores["METEOR"] = 100.0 * meteor[name]
+        scores["ROUGE-L"] = 100.0 * float(coco.Rouge().compute_score(g, r)[0])
+        scores["CIDEr"] = 100.0 * float(coco.Cider().compute_score(g, r)[0])
+        where = f"{name}: " if name else ""
+        if len(g) == 1:
+            notes.append(f"{where}CIDEr is 0 by construction for a single image (its idf needs several images)")
+        if spice:
+            value, note = _spice(coco, g, r)
+            if value is not None:
+                scores["SPICE"] = 100.0 * value
+            if note and note not in notes:
+                notes.append(note)
+        out[name] = scores
+    return out, notes
 
 
 def _import_pycocoevalcap() -> Any:
@@ -179,10 +201,11 @@ def _one_line(text: str) -> str:
     return " ".join(text.replace("|||", " ").split())
 
 
-def _meteor(coco: Any, gts: dict, res: dict) -> float:
+def _meteor(coco: Any, pairs: dict[str, tuple[dict, dict]]) -> dict[str, float]:
+    """METEOR of every (references, captions) pair of sets, by name, from one Java process."""
     meteor = coco.Meteor()  # starts `java -jar meteor-1.5.jar` (about 10 s to load its tables)
     try:
-        return float(meteor.compute_score(gts, res)[0])
+        return {name: float(meteor.compute_score(gts, res)[0]) for name, (gts, res) in pairs.items()}
     except ValueError as err:  # the jar died: readline() returned ''
         proc = meteor.meteor_p
         proc.kill()
@@ -370,8 +393,8 @@ def evaluate(
     row: dict[str, float] = {}
     notes: list[str] = []
     if all(has_refs):
-        scores, notes = _caption_metrics(entries, spice)
-        row.update(scores)
+        scores, notes = _caption_metrics({"": entries}, spice)
+        row.update(scores[""])
     else:
         notes.append("no reference captions: BLEU, METEOR, ROUGE-L, CIDEr and SPICE skipped")
     row.update(repetition_and_diversity(predictions))
