@@ -8,6 +8,7 @@ from .costs import Cost
 from .decoding import (
     Stepper,
     beam_search,
+    clip_retrieval_search,
     contrastive_search,
     greedy_search,
     magic_search,
@@ -22,12 +23,23 @@ from .inputs import load_image
 from .models import ImageTextMatcher, LanguageModel
 from .photos import list_sample_photos, load_sample_photo, load_user_image
 from .presets import ModelNotDownloadedError, ModelSet, list_presets, load_models
+from .retrieval import (
+    ClipIndex,
+    Retrieved,
+    build_image_index,
+    build_text_index,
+    clip_retrieval,
+    load_index,
+    retrieve_image,
+)
 from .scoring import degeneration_penalty, magic_score
+from .stories import Story, tell_story
 from .trace import Generation, StepRecord, Trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ClipIndex",
     "Cost",
     "Generation",
     "ImageTextMatcher",
@@ -35,10 +47,16 @@ __all__ = [
     "MagicEduError",
     "ModelNotDownloadedError",
     "ModelSet",
+    "Retrieved",
     "StepRecord",
     "Stepper",
+    "Story",
     "Trace",
     "beam_search",
+    "build_image_index",
+    "build_text_index",
+    "clip_retrieval",
+    "clip_retrieval_search",
     "contrastive_search",
     "degeneration_penalty",
     "filtered_probs",
@@ -46,6 +64,7 @@ __all__ = [
     "list_presets",
     "list_sample_photos",
     "load_image",
+    "load_index",
     "load_models",
     "load_sample_photo",
     "load_user_image",
@@ -53,6 +72,8 @@ __all__ = [
     "magic_search",
     "nucleus_filter",
     "nucleus_sampling",
+    "retrieve_image",
+    "tell_story",
     "temperature",
     "top_k_filter",
     "top_k_sampling",

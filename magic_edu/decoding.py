@@ -241,6 +241,9 @@ class Stepper:
         history: bool = True,
     ) -> None:
         self.spec = spec = get_decoder(decoder)
+        if spec.retrieves:
+            raise MagicEduError(f"decoder: {spec.label} takes no steps (it picks a whole caption from an index); "
+                                f"call {spec.function}(lm, clip, image, index=...) or magic_edu.clip_retrieval")
         self.lm, self.clip, self.decoder = lm, clip, spec.name
         preset = getattr(lm, "defaults", None) or {}
         given = dict(k=k, alpha=alpha, beta=beta, p=p, mass=mass, temperature=temperature, num_beams=num_beams,
@@ -726,6 +729,38 @@ def zerocap_search(
     if not images:
         raise MagicEduError("image: the list of images is empty")
     gens = [Stepper(lm, "zerocap", clip=clip, image=one, **settings).run()[0] for one in images]
+    return gens if isinstance(image, (list, tuple)) else gens[0]
+
+
+def clip_retrieval_search(
+    lm: LanguageModel, clip: ImageTextMatcher, image: ImageLike | Sequence[ImageLike], *, index: Any = None,
+    record: bool = True,
+) -> Generation | list[Generation]:
+    """CLIP retrieval (CLIPRe, the paper's baseline) as a decoder: the caption of ``index`` (an index
+    of texts: :func:`magic_edu.retrieval.build_text_index`, or the path of one) whose CLIP embedding
+    is closest to the image's (:func:`magic_edu.retrieval.clip_retrieval`). Nothing is generated:
+    ``text`` is that caption, ``token_ids`` its LM tokens and EOS (for its LM log-likelihood; the
+    LM never chose them), and the trace has no steps; with ``record`` its settings hold the five
+    best captions and their cosines (``"retrieved"``). A list of images gives one Generation each.
+    """
+    from .retrieval import as_index, clip_retrieval
+
+    if index is None:
+        raise MagicEduError("index: CLIP retrieval needs an index of captions: build_text_index(clip, captions) "
+                            "or magic-edu index-text CAPTIONS -o index.safetensors")
+    index = as_index(index, "text")
+    found = clip_retrieval(clip, image if isinstance(image, (list, tuple)) else [image], index,
+                           top_n=5 if _check_bool(record, "record") else 1)
+    gens = []
+    for hit in found:
+        ids = list(lm.tokenizer(hit.text, add_special_tokens=False)["input_ids"]) + [lm.eos_token_id]
+        settings = {"decoder": "clip_retrieval", "prompt": None, "lm": lm.name, "prefix_format": lm.prompt_format,
+                    "clip": clip.name, "index": str(index.path) if index.path else "(in memory)",
+                    "index_size": len(index), "from_preset": []}
+        if record:
+            settings["retrieved"] = [[text, score] for text, score in hit]
+        prefix = lm.prefix_ids(None)
+        gens.append(Generation(hit.text, ids, Trace(settings, prefix, [lm.token_text(i) for i in prefix])))
     return gens if isinstance(image, (list, tuple)) else gens[0]
 
 

@@ -1,4 +1,4 @@
-"""Checking what users pass in: images and decoding settings.
+"""Checking what users pass in: images, decoding settings and files of texts.
 
 Every check raises :class:`MagicEduError` (a ``ValueError``) whose message names the
 argument and says what is allowed, so nobody meets a traceback from deep inside torch.
@@ -10,8 +10,10 @@ the header, so a file's size is known for free): see :data:`MAX_PIXELS` and
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Union
 
@@ -235,3 +237,53 @@ def check_float(value: Any, name: str, low: float | None, high: float | None = N
     if not np.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
         raise MagicEduError(f"{name} must be {allowed}; got {value}")
     return value
+
+
+# -- files of texts (corpora, caption pools) ---------------------------------------------------
+def read_texts(source: str | os.PathLike | Sequence[str], name: str = "texts") -> list[str]:
+    """The texts of ``source``: a ``.txt`` file (one text a line, blank lines skipped), a
+    ``.json`` file (a list of ``{"captions": [...]}`` as the paper's caption files, or a list of
+    strings), or a list of strings. Whitespace is collapsed and blank texts are skipped; none left is an
+    error, and so is anything that is not a string."""
+    if isinstance(source, (list, tuple)):
+        texts = list(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise MagicEduError(f"{name} {path}: no such file")
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise MagicEduError(f"{name} {path}: cannot read it as UTF-8 text ({err})") from None
+        if path.suffix.lower() == ".json":
+            texts = _json_texts(raw, path, name)
+        else:
+            texts = [line for line in raw.splitlines() if line.strip()]
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise MagicEduError(f"{name}: text {i} must be a string; got {type(t).__name__}")
+    texts = [" ".join(t.split()) for t in texts]
+    texts = [t for t in texts if t]
+    if not texts:
+        raise MagicEduError(f"{name}: no texts in it (a .txt file needs one text a line; a .json file a list of "
+                            '{"captions": [...]} or of strings)')
+    return texts
+
+
+def _json_texts(raw: str, path: Path, name: str) -> list[Any]:
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise MagicEduError(f"{name} {path}: not valid JSON ({err})") from None
+    if not isinstance(data, list):
+        raise MagicEduError(f"{name} {path}: expected a JSON list of {{\"captions\": [...]}} or of strings")
+    texts: list[Any] = []
+    for i, item in enumerate(data):
+        if isinstance(item, dict):
+            captions = item.get("captions")
+            if not isinstance(captions, list):
+                raise MagicEduError(f"{name} {path}: item {i} has no list \"captions\"")
+            texts += captions
+        else:
+            texts.append(item)
+    return texts

@@ -41,6 +41,7 @@ PAPER_PAD = "<-pad->"
 PAPER_CLIP = "ViT-B-32-quickgelu"
 PAPER_CLIP_WEIGHTS = "openai"
 DATA_ENV = "MAGIC_EDU_DATA"
+PRESET_FILE = "magic_edu_preset.json"  # in a folder, it makes the folder a preset (``magic-edu adapt-lm`` writes it)
 HUB_PROBE_TIMEOUT_S = 10  # a hub that has not answered one request by then counts as unreachable
 SETTING_KEYS = ("k", "alpha", "beta", "max_new_tokens")
 
@@ -168,12 +169,44 @@ def data_dir() -> Path:
     return Path(env).expanduser().resolve() if env else Path(__file__).resolve().parent.parent / "data"
 
 
-def load_models(name: str = "toy", device: str | torch.device | None = None) -> ModelSet:
-    """Load a preset by name (see :func:`list_presets`) and return a :class:`ModelSet`."""
-    if not isinstance(name, str) or name not in PRESETS:
-        raise MagicEduError(f"name must be one of {', '.join(map(repr, PRESETS))}; got {name!r}")
-    preset = PRESETS[name]
-    return _load_toy(preset, device) if preset.toy else _load_hub(preset, device)
+def load_models(name: str | os.PathLike = "toy", device: str | torch.device | None = None) -> ModelSet:
+    """Load a preset by name (see :func:`list_presets`) and return a :class:`ModelSet`.
+
+    ``name`` may also be a folder holding a ``magic_edu_preset.json`` (what ``magic-edu adapt-lm``
+    writes next to the adapted LM): its LM, the CLIP and the settings that file names."""
+    if isinstance(name, str) and name in PRESETS:
+        preset = PRESETS[name]
+        return _load_toy(preset, device) if preset.toy else _load_hub(preset, device)
+    if isinstance(name, (str, os.PathLike)) and (Path(name) / PRESET_FILE).is_file():
+        return _load_folder(Path(name), device)
+    raise MagicEduError(f"name must be one of {', '.join(map(repr, PRESETS))}, or a folder with a {PRESET_FILE} "
+                        f"(magic-edu adapt-lm writes one); got {name!r}")
+
+
+def load_clip(name: str | os.PathLike = "toy", device: str | torch.device | None = None) -> ImageTextMatcher:
+    """The CLIP of a preset (or of a folder :func:`load_models` loads) alone, without its LM: what
+    CLIP retrieval and building an index need."""
+    if isinstance(name, str) and name in PRESETS:
+        preset = PRESETS[name]
+    elif isinstance(name, (str, os.PathLike)) and (Path(name) / PRESET_FILE).is_file():
+        spec = read_folder_preset(name)
+        preset = Preset(str(name), spec["description"], lm=str(name), clip=spec["clip"],
+                        clip_pretrained=spec["clip_pretrained"])
+    else:
+        raise MagicEduError(f"name must be one of {', '.join(map(repr, PRESETS))}, or a folder with a {PRESET_FILE} "
+                            f"(magic-edu adapt-lm writes one); got {name!r}")
+    if preset.toy:
+        clip_dir = data_dir() / "toy" / preset.clip
+        if not (clip_dir / "open_clip_config.json").is_file():
+            raise MagicEduError(f"preset {preset.name!r}: the toy CLIP is not in {clip_dir}; set {DATA_ENV} to the "
+                                "folder that holds toy/")
+        return ImageTextMatcher.from_pretrained(f"local-dir:{clip_dir}", device=device)
+    needed = _hub_models(preset)[1:]  # the CLIP's weights on the hub, if it has any there
+    missing = [m for m in needed if not m.cached() and not _fetch(m)]
+    if missing:
+        raise _not_downloaded(preset, missing)
+    return _loading(preset, needed, 0, lambda: ImageTextMatcher.from_pretrained(
+        preset.clip, pretrained=preset.clip_pretrained, device=device))
 
 
 # -- the offline toy world ------------------------------------------------------------
@@ -235,6 +268,46 @@ def _model_set(preset: Preset, lm: LanguageModel, clip: ImageTextMatcher, defaul
     if max_length is not None and "max_new_tokens" not in defaults:
         models.defaults["max_new_tokens"] = models.settings(None)["max_new_tokens"]
     return models
+
+
+# -- a folder: an adapted LM -----------------------------------------------------------------
+def _load_folder(folder: Path, device: str | torch.device | None) -> ModelSet:
+    """The LM in ``folder`` (Hugging Face format), the CLIP its ``magic_edu_preset.json`` names, and
+    that file's settings."""
+    spec = read_folder_preset(folder)
+    preset = Preset(str(folder), spec["description"], lm=str(folder), kind=spec["kind"], clip=spec["clip"],
+                    clip_pretrained=spec["clip_pretrained"], defaults=spec["defaults"], sos_token=spec["sos_token"],
+                    pad_token=spec["pad_token"], prompt_format=spec["prompt_format"],
+                    max_sentences=spec["max_sentences"], max_length=spec["max_length"])
+    lm = LanguageModel.from_pretrained(str(folder), sos_token=preset.sos_token, pad_token=preset.pad_token,
+                                       prompt_format=preset.prompt_format, max_sentences=preset.max_sentences,
+                                       device=device)
+    clip = load_clip(folder, device)
+    defaults = _check_defaults(preset.defaults or {}, preset.name, need_length=preset.max_length is None)
+    return _model_set(preset, lm, clip, defaults, preset.max_length)
+
+
+def read_folder_preset(folder: str | os.PathLike) -> dict[str, Any]:
+    """The checked contents of ``folder/magic_edu_preset.json``."""
+    path = Path(folder) / PRESET_FILE
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise MagicEduError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(spec, dict) or spec.get("format") != "magic_edu.preset":
+        raise MagicEduError(f"{path}: not a magic_edu preset file (its \"format\" must be \"magic_edu.preset\")")
+    out = {"description": f"the model in {folder}", "kind": "caption", "clip": PAPER_CLIP,
+           "clip_pretrained": PAPER_CLIP_WEIGHTS, "defaults": {}, "sos_token": PAPER_SOS, "pad_token": PAPER_PAD,
+           "prompt_format": DEFAULT_PROMPT_FORMAT, "max_sentences": None, "max_length": None}
+    out.update({k: v for k, v in spec.items() if k in out})
+    if out["kind"] not in ("caption", "story"):
+        raise MagicEduError(f"{path}: \"kind\" must be \"caption\" or \"story\"; got {out['kind']!r}")
+    if not isinstance(out["defaults"], dict):
+        raise MagicEduError(f"{path}: \"defaults\" must be an object of decoding settings")
+    for key in ("clip", "prompt_format", "description"):
+        if not isinstance(out[key], str) or not out[key]:
+            raise MagicEduError(f"{path}: \"{key}\" must be a non-empty string")
+    return out
 
 
 # -- hub presets ------------------------------------------------------------------------

@@ -4,6 +4,10 @@
 the toy report all read :data:`DECODERS`. Adding a decoder is one entry here plus its step in
 :mod:`magic_edu.decoding` (and a function that runs it, named by ``function``). ZeroCap's
 step is in :mod:`magic_edu.zerocap`; its parameters are described here, as every decoder's.
+CLIP retrieval (``retrieves``) is the paper's baseline that takes no steps: it picks a whole
+caption from an index (:mod:`magic_edu.retrieval`), so what steps through a decode
+(:class:`~magic_edu.decoding.Stepper`, the StepThrough and Sweep widgets) leaves it out, and what
+runs it gives it an index (``magic-edu caption --index``, ``CompareDecoders(index=...)``).
 
 A parameter's value comes from, in order: the caller's argument; the model's preset settings
 (``LanguageModel.defaults``, for parameters with ``from_preset``); the default here.
@@ -63,9 +67,11 @@ class Param:
 class Decoder:
     """One decoder: ``name`` (as the library spells it), ``label`` (for people), its parameters,
     and whether it scores candidates (degeneration penalty, CLIP), needs an image, samples, keeps
-    several hypotheses at once (beam search: a step advances every beam), or steers the LM with
+    several hypotheses at once (beam search: a step advances every beam), steers the LM with
     gradient steps on its keys and values (ZeroCap: :mod:`magic_edu.zerocap`, its own beams;
-    slow, so :class:`~magic_edu.views.widgets.CompareDecoders` runs it only when asked)."""
+    slow, so :class:`~magic_edu.views.widgets.CompareDecoders` runs it only when asked), or
+    retrieves a whole caption from an index instead of writing one (CLIP retrieval: no LM, no
+    steps; its function takes ``index=``)."""
 
     name: str
     label: str
@@ -76,6 +82,7 @@ class Decoder:
     samples: bool = False
     beams: bool = False
     steers: bool = False
+    retrieves: bool = False
     aliases: tuple[str, ...] = ()
 
     @property
@@ -165,6 +172,10 @@ DECODERS: dict[str, Decoder] = {d.name: d for d in (
             (replace(K, default=45), replace(ALPHA, default=0.1), BETA, CLIP_TEXT_MAX_LEN),
             scores_candidates=True, needs_image=True),
     Decoder("zerocap", "ZeroCap", "zerocap_search", ZEROCAP_PARAMS, needs_image=True, steers=True),
+    # CLIPRe (Su et al. 2022, Sec. 5.1): the caption of an index CLIP scores highest; its index is not a
+    # number, so not a Param: the function takes index=, the command line --index
+    Decoder("clip_retrieval", "CLIP retrieval", "clip_retrieval_search", (), needs_image=True, retrieves=True,
+            aliases=("clip-retrieval",)),
 )}
 
 # settings every decoder takes
@@ -180,6 +191,12 @@ def get_decoder(name: str) -> Decoder:
             if name in d.aliases:
                 return d
     raise MagicEduError(f"decoder must be one of {', '.join(DECODERS)}; got {name!r}")
+
+
+def stepping_decoders() -> tuple[str, ...]:
+    """The decoders that write a text token by token (every one but CLIP retrieval): what a
+    :class:`~magic_edu.decoding.Stepper` runs."""
+    return tuple(d.name for d in DECODERS.values() if not d.retrieves)
 
 
 def candidate_decoders() -> tuple[str, ...]:

@@ -377,6 +377,10 @@ def test_caption_files_references_and_missing_paths(fake, folder, tmp_path, caps
     refs.write_text(json.dumps([{"image_name": "img4.png", "captions": ["violet"], "prediction": "x"}]))
     run(["caption", str(folder / "img4.png"), "--out", str(out), "--references", str(refs)], capsys)
     assert json.loads(out.read_text())[1]["captions"] == ["violet"]
+    # and so do the paper's test files (no prediction: image_name, captions, split, ...)
+    refs.write_text(json.dumps([{"split": "test", "image_name": "img4.png", "captions": ["lilac", "mauve"]}]))
+    run(["caption", str(folder / "img4.png"), "--out", str(out), "--references", str(refs)], capsys)
+    assert json.loads(out.read_text())[1]["captions"] == ["lilac", "mauve"]
 
 
 def test_caption_refuses_ambiguous_names_and_foreign_out_files(fake, folder, tmp_path, capsys):
@@ -426,7 +430,7 @@ def test_decoder_names_and_aliases(fake, folder, tmp_path, capsys, spelling):
 
 
 def test_every_registry_decoder_and_alias_is_a_choice(capsys):
-    assert set(cli.decoder_choices()) == {*DECODERS, "top-k", "top-p", "typical-p", "beam-search"}
+    assert set(cli.decoder_choices()) == {*DECODERS, "top-k", "top-p", "typical-p", "beam-search", "clip-retrieval"}
     with pytest.raises(SystemExit):
         cli.main(["caption", "x.png", "--out", "r.json", "--decoder", "diverse_beam"])
     err = capsys.readouterr().err
@@ -502,11 +506,19 @@ def random_models(tmp_path_factory):
 
 @pytest.mark.slow
 def test_every_decoder_through_the_real_decoding_code(random_models, folder, tmp_path, capsys, monkeypatch):
+    from magic_edu.retrieval import build_text_index
+
     monkeypatch.setattr(magic_edu, "load_models", lambda preset: random_models, raising=False)
+    monkeypatch.setattr("magic_edu.presets.load_clip", lambda preset: random_models.clip)
+    index = build_text_index(random_models.clip, ["a red square.", "a green circle."], tmp_path / "i.safetensors",
+                             progress=False)
     for decoder in [*DECODERS, "top-k"]:
         out = tmp_path / f"{decoder}.json"
+        # CLIP retrieval writes no tokens: an index instead of a length
+        how = ["--index", str(index.path)] if DECODERS.get(decoder) and DECODERS[decoder].retrieves else \
+            ["--max-new-tokens", "4"]
         status, _, err = run(["caption", str(folder), "--out", str(out), "--decoder", decoder,
-                              "--batch-size", "4", "--max-new-tokens", "4"], capsys)
+                              "--batch-size", "4", *how], capsys)
         assert status == 0, err
         written = load_results(out, require_references=False) if out.exists() else []
         skipped = json.loads((tmp_path / f"{decoder}.skipped.json").read_text())

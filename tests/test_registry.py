@@ -27,10 +27,11 @@ from magic_edu.registry import (
     Param,
     candidate_decoders,
     get_decoder,
+    stepping_decoders,
 )
 from magic_edu.tools import cli
 
-ALL_NAMES = ("greedy", "top_k", "nucleus", "typical", "beam", "contrastive", "magic", "zerocap")
+ALL_NAMES = ("greedy", "top_k", "nucleus", "typical", "beam", "contrastive", "magic", "zerocap", "clip_retrieval")
 
 
 # -- names ------------------------------------------------------------------------------------
@@ -43,6 +44,7 @@ def test_names_and_aliases_resolve():
     assert get_decoder("top-k") is DECODERS["top_k"]
     assert get_decoder("top-p") is DECODERS["nucleus"]
     assert get_decoder("typical-p") is DECODERS["typical"] and get_decoder("beam-search") is DECODERS["beam"]
+    assert get_decoder("clip-retrieval") is DECODERS["clip_retrieval"]
     aliases = [a for d in DECODERS.values() for a in d.aliases]
     assert len(set(aliases)) == len(aliases) and not set(aliases) & set(DECODERS)
 
@@ -59,7 +61,10 @@ def test_unknown_names_are_rejected_naming_the_allowed_ones(name):
 def test_what_each_decoder_is():
     assert candidate_decoders() == ("contrastive", "magic")
     assert [n for n, d in DECODERS.items() if d.samples] == ["top_k", "nucleus", "typical"]
-    assert [n for n, d in DECODERS.items() if d.needs_image] == ["magic", "zerocap"]
+    assert [n for n, d in DECODERS.items() if d.needs_image] == ["magic", "zerocap", "clip_retrieval"]
+    assert [n for n, d in DECODERS.items() if d.retrieves] == ["clip_retrieval"]
+    assert stepping_decoders() == ALL_NAMES[:-1]  # CLIP retrieval takes no steps
+    assert DECODERS["clip_retrieval"].param_names == ()  # its index is a file, given as index= / --index
     assert [n for n, d in DECODERS.items() if d.beams] == ["beam"]
     assert [n for n, d in DECODERS.items() if d.steers] == ["zerocap"]
     assert DECODERS["zerocap"].param_names == (
@@ -204,7 +209,10 @@ def test_every_entry_matches_the_function_that_runs_it(decoder):
     assert decoder.function in magic_edu.__all__
     names = keyword_names(fn)
     assert set(decoder.param_names) <= names, set(decoder.param_names) - names
-    assert {"prompt", "max_new_tokens", "stop_at_eos", "record"} <= names  # every decoder takes these
+    if decoder.retrieves:  # no steps: an index instead of a prompt and a length
+        assert {"index", "record"} <= names and not {"prompt", "max_new_tokens"} & names
+    else:
+        assert {"prompt", "max_new_tokens", "stop_at_eos", "record"} <= names  # every decoder takes these
     positional = [p.name for p in inspect.signature(fn).parameters.values()
                   if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert positional == (["lm", "clip", "image"] if decoder.needs_image else ["lm"])

@@ -6,6 +6,11 @@
     magic-edu bench [--models toy|paper-size|all]
     magic-edu toy [--report | --tune-only | --quick] [--out data/toy]
     magic-edu export TRACE.json -o decode.html [--image IMAGE] [--title TITLE]
+    magic-edu adapt-lm --corpus CAPTIONS --out DIR [--base gpt2] [--steps N] ...   (torchrun for several processes)
+    magic-edu index-text CAPTIONS -o index.safetensors [--preset toy]
+    magic-edu index-images FOLDER -o images.safetensors [--preset toy]
+    magic-edu caption IMAGES... --out results.json --decoder clip-retrieval --index index.safetensors
+    magic-edu story TITLE (--index images.safetensors | --image IMAGE) [--preset toy-story]
 
 Each subcommand is one ``add_*_command(subparsers)`` function listed in :data:`SUBCOMMANDS`;
 a new one (``bench``, ...) is added by writing such a function and appending it there.
@@ -28,9 +33,10 @@ from typing import Any
 
 from ..errors import MagicEduError
 from ..registry import DECODERS, MAX_NEW_TOKENS, Decoder, Param, get_decoder
+from ..retrieval import IMAGE_SUFFIXES
+from ..training.adapt import add_adapt_lm_command
 from .bench import add_bench_command
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 OPTION_ALIASES = {"p": ("--top-p",)}  # older spellings of a parameter's option, still accepted
 
 
@@ -95,6 +101,9 @@ def add_caption_command(subparsers: Any) -> None:
                    help=f"{MAX_NEW_TOKENS.help} (default: the preset's, else {MAX_NEW_TOKENS.default})")
     p.add_argument("--references", metavar="REFS.json",
                    help='reference captions: {"image_name": ["ref", ...]} or a result-format list')
+    p.add_argument("--index", metavar="INDEX.safetensors",
+                   help="--decoder clip_retrieval: the index of captions to retrieve from (magic-edu index-text), "
+                        "built with the preset's CLIP")
     p.set_defaults(func=run_caption)
 
 
@@ -110,6 +119,10 @@ def run_caption(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise MagicEduError(f"--batch-size must be at least 1; got {args.batch_size}")
     decoder, _ = decoder_arguments(args)  # a bad setting fails here, before any model loads
+    if decoder.retrieves:  # and so does an index that is not one (whether it fits the CLIP: once CLIP loads)
+        from ..retrieval import as_index
+
+        as_index(args.index, "text", "--index")
     out = Path(args.out)
     if out.is_dir():
         raise MagicEduError(f"--out {out} is a folder; give a file name such as {out / 'results.json'}")
@@ -165,7 +178,12 @@ def _caption_locked(args: argparse.Namespace, decoder: Decoder, out: Path, found
         if todo:
             import magic_edu
 
-            models = magic_edu.load_models(args.preset)
+            if decoder.retrieves:  # no LM needed: the preset's CLIP alone
+                from ..presets import load_clip
+
+                models = argparse.Namespace(lm=None, clip=load_clip(args.preset))
+            else:
+                models = magic_edu.load_models(args.preset)
             decode = make_decoder(args, models)
             with tqdm(total=len(todo), unit="img", desc=f"caption ({decoder.name})", file=sys.stderr) as bar:
                 for start in range(0, len(todo), args.batch_size):
@@ -230,6 +248,8 @@ def caption_settings(args: argparse.Namespace, decoder: Decoder) -> dict[str, An
     preset's value), max_new_tokens (null: the preset's) and the seed of a sampling decoder."""
     _, given = decoder_arguments(args)
     params: dict[str, Any] = {}
+    if decoder.retrieves:  # the index decides the captions: a resume with another is refused
+        params["index"] = str(Path(args.index).resolve())
     for p in decoder.params:
         if p.name == "seed":
             continue
@@ -342,15 +362,17 @@ def collect_images(arguments: Sequence[str]) -> tuple[list[tuple[str, Path]], li
 
 
 def read_references(path: str) -> dict[str, list[str]]:
-    """image_name -> reference captions, from {"name": ["ref", ...] or "ref"} or a result-format list."""
+    """image_name -> reference captions, from {"name": ["ref", ...] or "ref"}, a result-format list, or the
+    paper's test files (a list of {"image_name", "captions", ...}: mscoco_test.json, flickr30k_test.json)."""
     from .evaluation import load_results
 
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise MagicEduError(f"--references {path}: cannot read it as JSON ({err})") from None
-    if isinstance(data, list):
-        return {e["image_name"]: e["captions"] for e in load_results(data, require_references=False)}
+    if isinstance(data, list):  # a result file, or the paper's test file (image_name and captions, no prediction)
+        entries = [dict(e, prediction=e.get("prediction") or "-") if isinstance(e, dict) else e for e in data]
+        return {e["image_name"]: e["captions"] for e in load_results(entries, require_references=False)}
     if not isinstance(data, dict):
         raise MagicEduError(f"--references {path}: expected an object image_name -> [captions] or a list")
     refs = {}
@@ -409,6 +431,16 @@ def decoder_arguments(args: argparse.Namespace) -> tuple[Decoder, dict[str, Any]
         raise MagicEduError(f"{option(unknown[0])}: --decoder {decoder.name} ({decoder.label}) does not take it; "
                             f"it takes {takes}")
     decoder.settings(given)  # every value in its range
+    index = getattr(args, "index", None)
+    if decoder.retrieves and index is None:
+        raise MagicEduError(f"--index: --decoder {decoder.name} ({decoder.label}) needs an index of captions; build "
+                            "one with: magic-edu index-text CAPTIONS.txt -o index.safetensors --preset "
+                            f"{getattr(args, 'preset', 'toy')}")
+    if index is not None and not decoder.retrieves:
+        raise MagicEduError(f"--index: only --decoder clip_retrieval takes it, not --decoder {decoder.name}")
+    if decoder.retrieves and getattr(args, MAX_NEW_TOKENS.name, None) is not None:
+        raise MagicEduError(f"{option(MAX_NEW_TOKENS.name)}: --decoder {decoder.name} writes no tokens; "
+                            "it picks whole captions")
     kwargs = {name: value for name, value in given.items() if value is not None}
     if decoder.samples:
         kwargs.pop("seed", None)
@@ -429,6 +461,15 @@ def make_decoder(args: argparse.Namespace, models: Any) -> Callable[[list, list[
     import magic_edu
 
     decoder, kwargs = decoder_arguments(args)
+    if decoder.retrieves:  # CLIPRe: the index's best caption of each image, a batch at a time
+        from ..retrieval import as_index, clip_retrieval
+
+        index, clip = as_index(args.index, "text", "--index"), models.clip
+        index.check_clip(clip, "--index")
+
+        def decode(images: list, names: list[str]) -> list[str]:
+            return [hit.text for hit in clip_retrieval(clip, list(images), index)]
+        return decode
     fn = getattr(magic_edu, decoder.function)
     kwargs["record"] = False  # no trace needed here; saves time
     lm, clip = models.lm, (models.clip if decoder.needs_image else None)
@@ -500,9 +541,102 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- indexes and stories -----------------------------------------------------------------------
+def add_index_text_command(subparsers: Any) -> None:
+    """``magic-edu index-text``: the CLIP text embeddings of a caption pool (CLIPRe's index)."""
+    p = subparsers.add_parser(
+        "index-text", help="build an index of captions for CLIP retrieval (--decoder clip_retrieval)",
+        description="Embed a caption pool with the preset's CLIP into one safetensors file (float16 embeddings "
+                    "plus the captions): the index `magic-edu caption --decoder clip_retrieval --index` retrieves "
+                    "from (the paper's CLIPRe baseline).")
+    p.add_argument("captions", help="the captions: a .txt file (one a line) or a .json file in the paper's format")
+    p.add_argument("-o", "--out", required=True, metavar="INDEX.safetensors", help="the index file to write")
+    p.add_argument("--preset", default="toy", help="whose CLIP embeds them (default: toy); a folder works too")
+    p.add_argument("--batch-size", type=int, default=256, help="captions per CLIP forward (default 256)")
+    p.set_defaults(func=run_index_text)
+
+
+def run_index_text(args: argparse.Namespace) -> int:
+    from ..inputs import read_texts
+    from ..presets import load_clip
+    from ..retrieval import build_text_index
+
+    texts = read_texts(args.captions, "captions")  # a bad file fails before CLIP loads
+    index = build_text_index(load_clip(args.preset), texts, args.out, batch_size=args.batch_size)
+    print(f"wrote {args.out}: {len(index):,} captions, {index.dim}-dimensional CLIP embeddings ({index.clip_name})")
+    return 0
+
+
+def add_index_images_command(subparsers: Any) -> None:
+    """``magic-edu index-images``: the CLIP image embeddings of a folder of images (for stories)."""
+    p = subparsers.add_parser(
+        "index-images", help="build an index of images (a story's title retrieves its image from it)",
+        description="Embed every image under FOLDER with the preset's CLIP into one safetensors file (float16 "
+                    "embeddings plus the images' paths): the index `magic-edu story TITLE --index` retrieves "
+                    "the story's image from (the paper's story setup). Unreadable images are skipped.")
+    p.add_argument("folder", help="the folder of images (searched recursively)")
+    p.add_argument("-o", "--out", required=True, metavar="IMAGES.safetensors", help="the index file to write")
+    p.add_argument("--preset", default="toy", help="whose CLIP embeds them (default: toy); a folder works too")
+    p.add_argument("--batch-size", type=int, default=64, help="images per CLIP forward (default 64)")
+    p.add_argument("--no-recursive", dest="recursive", action="store_false", help="only FOLDER's own files")
+    p.set_defaults(func=run_index_images)
+
+
+def run_index_images(args: argparse.Namespace) -> int:
+    from ..presets import load_clip
+    from ..retrieval import build_image_index, image_files
+
+    if not image_files(args.folder, args.recursive):  # a bad folder fails before CLIP loads
+        raise MagicEduError(f"{args.folder}: no image files in it (image files end in "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+    index = build_image_index(load_clip(args.preset), args.folder, args.out, batch_size=args.batch_size,
+                              recursive=args.recursive)
+    for path, reason in index.skipped:
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+    print(f"wrote {args.out}: {len(index):,} images, {index.dim}-dimensional CLIP embeddings ({index.clip_name})"
+          + (f"; {len(index.skipped)} unreadable skipped" if index.skipped else ""))
+    return 0
+
+
+def add_story_command(subparsers: Any) -> None:
+    """``magic-edu story``: a story from a title, steered by an image the title retrieves (or one given)."""
+    p = subparsers.add_parser(
+        "story", help="write a story from a title, steered by the image the title retrieves from an index",
+        description="MAGIC's visually grounded story: the story LM writes from TITLE; the image that steers it is "
+                    "the one of --index (magic-edu index-images) CLIP finds closest to the title, as in the paper, "
+                    "or --image.")
+    p.add_argument("title", help="the story's title")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--index", metavar="IMAGES.safetensors", help="an image index to retrieve the image from")
+    source.add_argument("--image", help="steer with this image instead")
+    p.add_argument("--preset", default="toy-story", help="a story preset (default: toy-story; the paper's: story)")
+    for name in ("k", "alpha", "beta"):
+        param = DECODERS["magic"].param(name)
+        p.add_argument(option(name), dest=name, type=param.kind, default=None, metavar=name.upper(),
+                       help=f"{param.help} (default: the preset's)")
+    p.add_argument(option(MAX_NEW_TOKENS.name), dest=MAX_NEW_TOKENS.name, type=int, default=None, metavar="N",
+                   help="tokens to generate at most (default: the preset's)")
+    p.set_defaults(func=run_story)
+
+
+def run_story(args: argparse.Namespace) -> int:
+    import magic_edu
+
+    from ..stories import tell_story
+
+    models = magic_edu.load_models(args.preset)
+    story = tell_story(models, args.title, args.image, index=args.index, k=args.k, alpha=args.alpha, beta=args.beta,
+                       max_new_tokens=args.max_new_tokens, record=False)
+    if story.retrieved is not None:
+        print(f"image: {story.image_path} (cosine {story.retrieved.scores[0]:.3f} with the title)")
+    print(f"{args.title}: {story.text}")
+    return 0
+
+
 # -- the parser ----------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[Any], None]] = [add_evaluate_command, add_caption_command, add_bench_command,
-                                            add_toy_command, add_export_command]
+                                            add_toy_command, add_export_command, add_adapt_lm_command,
+                                            add_index_text_command, add_index_images_command, add_story_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..presets import PAPER_PAD, PAPER_SOS
+from ..training.simctg import contrastive_loss
 from . import shapes
 from .config import TrainConfig, set_seed, warmup_cosine
 
@@ -75,16 +75,10 @@ def lm_sequences(tokenizer, captions: list[str], stories: list[tuple[str, str]])
 
 
 def simctg_loss(hidden: torch.Tensor, mask: torch.Tensor, margin: float) -> torch.Tensor:
-    """SimCTG's token-level contrastive loss: for every pair of distinct positions i, j of a
-    sequence, max(0, margin - (s(h_i, h_i) - s(h_i, h_j))) with s the cosine, averaged over
-    the real (non-pad) pairs."""
-    h = F.normalize(hidden, dim=-1)
-    sim = h @ h.transpose(1, 2)  # (B, T, T)
-    gold = sim.diagonal(dim1=1, dim2=2).unsqueeze(-1)
-    loss = F.relu(margin - (gold - sim))
-    pair_mask = mask.unsqueeze(1) * mask.unsqueeze(2)
-    pair_mask = pair_mask * (1 - torch.eye(sim.shape[1], device=sim.device)).unsqueeze(0)
-    return (loss * pair_mask).sum() / pair_mask.sum().clamp(min=1)
+    """SimCTG's token-level contrastive loss, averaged over the real (non-pad) pairs of distinct
+    positions: :func:`magic_edu.training.simctg.contrastive_loss`, the one implementation that
+    ``magic-edu adapt-lm`` trains with too."""
+    return contrastive_loss(hidden, mask, margin)
 
 
 def train_lm(cfg: TrainConfig, tokenizer, seqs: dict[str, list[list[int]]], contrastive: bool, desc: str):

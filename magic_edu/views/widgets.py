@@ -26,11 +26,12 @@ import ipywidgets as W
 import pandas as pd
 from PIL import Image
 
-from ..decoding import NO_FORCING_BEAMS, NO_FORCING_ZEROCAP, Stepper
+from ..decoding import NO_FORCING_BEAMS, NO_FORCING_ZEROCAP, Stepper, clip_retrieval_search
 from ..errors import MagicEduError
 from ..photos import list_sample_photos, load_sample_photo, load_user_image
 from ..presets import ModelSet
-from ..registry import DECODERS, MAX_NEW_TOKENS, Decoder, Param, get_decoder
+from ..registry import DECODERS, MAX_NEW_TOKENS, Decoder, Param, get_decoder, stepping_decoders
+from ..retrieval import ClipIndex
 from ..tools import analysis, explain
 from ..toyworld import shapes
 from ..toyworld.shapes import HELD_OUT_SEED
@@ -42,6 +43,10 @@ PLOT_DPI = 72
 PNG_CACHE = 64  # step plots kept, so Back and the step slider redraw nothing
 MAX_SWEEP = 300  # most settings one sweep may decode
 REFERENCE = "greedy"  # CompareDecoders marks where each decoder leaves this one's path
+RETRIEVAL = "clip_retrieval"  # CompareDecoders shows it with index= (the paper's CLIPRe baseline)
+NO_INDEX = ("CLIP retrieval (the paper's baseline: the caption of a pool that CLIP scores highest) is not shown: "
+            "give CompareDecoders an index of captions, index=magic_edu.build_text_index(models.clip, captions) "
+            "or the path of one from `magic-edu index-text captions.txt -o index.safetensors`.")
 SWEPT = "magic"  # the decoder a Sweep starts with
 LABELS = {"alpha": "alpha α", "beta": "beta β", "clip_text_max_len": "CLIP text max len",
           "zerocap.num_beams": "ZeroCap beams"}  # else the name
@@ -262,7 +267,21 @@ def compared_decoders(steered: bool = False) -> list[str]:
     """The decoders :class:`CompareDecoders` always runs: every registry decoder that does not sample
     and, with ``steered``, those that steer the LM with gradient steps (ZeroCap: slow, left out
     unless asked for)."""
-    return [d.name for d in DECODERS.values() if not d.samples and (steered or not d.steers)]
+    return [d.name for d in DECODERS.values() if not d.samples and not d.retrieves and (steered or not d.steers)]
+
+
+def stepping_options() -> list[tuple[str, str]]:
+    """(label, name) of the decoders that write token by token: what StepThrough and Sweep offer (CLIP
+    retrieval picks a whole caption: CompareDecoders shows it, given an index)."""
+    return [(DECODERS[name].label, name) for name in stepping_decoders()]
+
+
+def _stepping(name: str) -> str:
+    decoder = get_decoder(name)
+    if decoder.retrieves:
+        raise MagicEduError(f"decoder: {decoder.label} takes no steps; CompareDecoders(models, image, index=...) "
+                            "shows it beside the decoders")
+    return decoder.name
 
 
 def sampling_decoders() -> list[Decoder]:
@@ -414,8 +433,8 @@ class StepThrough(W.VBox):
         self.controls = _param_controls(models, decoder)  # one per registry parameter: k, alpha, beta, p, seed, ...
         self.length = _length_slider(models)
         style = {"description_width": "60px"}
-        self.decoder = W.Dropdown(options=[(d.label, d.name) for d in DECODERS.values()], value=decoder,
-                                  description="decoder", style=style)
+        self.decoder = W.Dropdown(options=stepping_options(), value=_stepping(decoder), description="decoder",
+                                  style=style)
         self.prompt = W.Text(value=models.prompt or "", description="prompt", placeholder="(none)",
                              continuous_update=False, style=style)
         self.next_button = W.Button(description="Next", icon="step-forward", button_style="primary")
@@ -891,17 +910,24 @@ class CompareDecoders(W.VBox):
 
     ZeroCap is left out unless ``zerocap=True``: it takes gradient steps at every token, seconds
     where the others take milliseconds. It then shares beam search's num_beams control.
+
+    CLIP retrieval, the paper's baseline, joins the table with ``index=`` (an index of captions,
+    :func:`magic_edu.retrieval.build_text_index`, or the path of one): the caption of the index
+    CLIP scores highest, its LM log-likelihood and CLIP score beside the decoders'. It writes no
+    tokens, so it has no lane in the plot and no part in where the paths split. Without an index
+    the widget says how to add it; an index that does not fit (built with another CLIP) is a
+    message, and the decoders are compared all the same.
     """
 
     def __init__(self, models: ModelSet, image: Any = None, *, sampler: str = "top_k", seed: int = 0,
-                 zerocap: bool = False) -> None:
+                 zerocap: bool = False, index: Any = None) -> None:
         samplers = sampling_decoders()
         chosen = get_decoder(sampler)
         if not chosen.samples:
             raise MagicEduError(f"sampler must be one of {', '.join(d.name for d in samplers)}; got {sampler!r}")
         if not isinstance(zerocap, bool):
             raise MagicEduError(f"zerocap must be True or False; got {zerocap!r}")
-        self.models, self.zerocap = models, zerocap
+        self.models, self.zerocap, self.index = models, zerocap, index
         self.picker = ImagePicker(models)
         if image is not None:
             self.picker.set_image(image)
@@ -917,6 +943,7 @@ class CompareDecoders(W.VBox):
         self.compare_button = W.Button(description="Compare", icon="play", button_style="primary")
         self.message = W.HTML()
         self.summary = W.HTML()
+        self.note = W.HTML(message_html(NO_INDEX, error=False) if index is None else "")
         self.table = W.HTML()
         self.plot = W.Image(format="png", layout=W.Layout(max_width="900px"))
         self.generations: dict[str, Generation] = {}
@@ -927,7 +954,8 @@ class CompareDecoders(W.VBox):
         _expose(self, self.controls)
         settings = W.VBox([self.prompt, self.sampler, *_settings_column(self.controls, self.length),
                            self.compare_button])
-        super().__init__([_row([self.picker, settings]), self.message, self.summary, self.table, self.plot])
+        super().__init__([_row([self.picker, settings]), self.message, self.summary, self.note, self.table,
+                          self.plot])
         self.compare_button.on_click(lambda _: self.compare())
         for control in (self.prompt, self.length, self.sampler, *self.controls.values()):
             control.observe(lambda _: self.compare(), names="value")
@@ -949,13 +977,33 @@ class CompareDecoders(W.VBox):
             raise MagicEduError("image: pick a toy scene or a sample photo, or upload one")
         gens = {d.name: Stepper(models.lm, d.name, prompt=prompt, max_new_tokens=self.length.value,
                                 **_decoder_kwargs(d, self.controls, models, image)).run()[0] for d in decoders}
+        problem = None
+        if self.index is not None:
+            try:
+                gens[RETRIEVAL] = clip_retrieval_search(models.lm, models.clip, image, index=self._index())
+            except MagicEduError as err:
+                problem = f"CLIP retrieval is left out: {err}"
         self.generations = gens
         compared = compared_decoders(self.zerocap)
         self.divergence = analysis.divergence_step([gens[name].token_ids for name in compared])
         self.leaves = {name: analysis.divergence_step([gens[REFERENCE].token_ids, g.token_ids])
-                       for name, g in gens.items() if name != REFERENCE}
+                       for name, g in gens.items() if name not in (REFERENCE, RETRIEVAL)}
         self.frame = compare_frame(models, image, gens, prompt)
         self._render()
+        if problem:
+            self.message.value = message_html(problem)
+
+    def _index(self) -> Any:
+        """The index, loaded once (a path is read the first time)."""
+        from ..retrieval import as_index
+
+        if not isinstance(self.index, ClipIndex):
+            self.index = as_index(self.index, "text")
+        return self.index
+
+    def _lanes(self) -> dict[str, Generation]:
+        """The decoders that wrote their text token by token (the plot's lanes: not CLIP retrieval)."""
+        return {name: g for name, g in self.generations.items() if name != RETRIEVAL}
 
     def _render(self) -> None:
         split, gens = self.divergence, self.generations
@@ -975,7 +1023,7 @@ class CompareDecoders(W.VBox):
         self.summary.value = message_html(summary, error=False)
         rows = []
         for (name, gen), (_, r) in zip(gens.items(), self.frame.iterrows()):
-            mark = split if name == REFERENCE else self.leaves[name]
+            mark = split if name == REFERENCE else None if name == RETRIEVAL else self.leaves[name]
             note = "split" if name == REFERENCE else f"leaves {REFERENCE}"
             chips = "".join(chip(token, SPLIT if i == mark else CHIP, note if i == mark else "")
                             for i, token in enumerate(self.models.lm.token_texts(gen.token_ids)))
@@ -988,7 +1036,8 @@ class CompareDecoders(W.VBox):
                             "<th>LM log-likelihood</th>"
                             "<th>CLIP cos(image, caption)</th><th>repeated n-grams</th></tr>" + "".join(rows)
                             + "</table>")
-        self.plot.value = figure_png(plots.plot_decoders([g.trace for g in gens.values()], list(gens), split=split))
+        lanes = self._lanes()
+        self.plot.value = figure_png(plots.plot_decoders([g.trace for g in lanes.values()], list(lanes), split=split))
 
     def snapshot(self) -> Figure:
         """A static Figure: the image, the decoders' paths with the split, and the table of figures."""
@@ -1005,8 +1054,8 @@ class CompareDecoders(W.VBox):
         ax_img.imshow(self.picker.image)
         ax_img.set_axis_off()
         ax_img.set_title(self.picker.description, fontsize=8)
-        plots.plot_decoders([g.trace for g in self.generations.values()], list(self.generations),
-                            split=self.divergence, fig=right)
+        lanes = self._lanes()
+        plots.plot_decoders([g.trace for g in lanes.values()], list(lanes), split=self.divergence, fig=right)
         ax = bottom.subplots()
         ax.set_axis_off()
         cells = [[f"“{r['text'][:60]}”", f"{r['log_likelihood']:.2f}", f"{r['log_likelihood_per_token']:.2f}",
@@ -1070,8 +1119,8 @@ class Sweep(W.VBox):
             self.picker.set_image(image)
         style = {"description_width": "90px"}
         start = get_decoder(decoder).name
-        self.decoder = W.Dropdown(options=[(d.label, d.name) for d in DECODERS.values()], value=start,
-                                  description="decoder", style=style)
+        self.decoder = W.Dropdown(options=stepping_options(), value=_stepping(start), description="decoder",
+                                  style=style)
         given = {"alpha": alphas, "beta": betas, "k": ks} if start == "magic" else {}
         self._given = {**{n: v for n, v in given.items() if v is not None}, **(values or {})}
         self.fields: dict[str, W.Text] = {}
