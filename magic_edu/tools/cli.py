@@ -4,6 +4,8 @@
     magic-edu caption IMAGES... --out results.json [--preset toy] [--decoder magic] [--batch-size 8]
                       [--k K] [--alpha A] [--beta B] [--p P] [--seed S] [--max-new-tokens N] ...
     magic-edu bench [--models toy|paper-size|all]
+    magic-edu sweep [IMAGES... | --results R.json --images DIR | --toy N] --out DIR [--grid GRID.yaml]
+                    [--setting "magic beta=0,0.5,1"] [--workers N | --address tcp://HOST:8786] [--report | --bench]
     magic-edu toy [--report | --tune-only | --quick] [--out data/toy]
     magic-edu export TRACE.json -o decode.html [--image IMAGE] [--title TITLE]
     magic-edu adapt-lm --corpus CAPTIONS --out DIR [--base gpt2] [--steps N] ...   (torchrun for several processes)
@@ -36,6 +38,7 @@ from ..registry import DECODERS, MAX_NEW_TOKENS, Decoder, Param, get_decoder
 from ..retrieval import IMAGE_SUFFIXES
 from ..training.adapt import add_adapt_lm_command
 from .bench import add_bench_command
+from .sweep import add_sweep_command
 
 OPTION_ALIASES = {"p": ("--top-p",)}  # older spellings of a parameter's option, still accepted
 
@@ -635,8 +638,9 @@ def run_story(args: argparse.Namespace) -> int:
 
 # -- the parser ----------------------------------------------------------------------------
 SUBCOMMANDS: list[Callable[[Any], None]] = [add_evaluate_command, add_caption_command, add_bench_command,
-                                            add_toy_command, add_export_command, add_adapt_lm_command,
-                                            add_index_text_command, add_index_images_command, add_story_command]
+                                            add_toy_command, add_export_command, add_sweep_command,
+                                            add_adapt_lm_command, add_index_text_command, add_index_images_command,
+                                            add_story_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
