@@ -168,6 +168,9 @@ def test_clip_scores():
     right(ex.check_clip_scores(lambda c, s: torch.softmax(s * c, dim=0)))
     wrong(ex.check_clip_scores(lambda c, s: torch.softmax(c, dim=0)), "temperature")
     wrong(ex.check_clip_scores(lambda c, s: s * c), "softmax")
+    # the notebook's "stored as its logarithm" invites exp(logit_scale): the checker says why it is wrong
+    wrong(ex.check_clip_scores(lambda c, s: torch.softmax(math.exp(s) * c, dim=0)), "exp(logit_scale)")
+    wrong(ex.check_clip_scores(lambda c, s: torch.softmax(torch.exp(torch.tensor(s)) * c, dim=0)), "1/tau")
 
 
 def test_temperature():

@@ -378,6 +378,14 @@ def check_clip_scores(fn: Any) -> Verdict:
             continue
         if np.allclose(got, torch.softmax(cos, dim=0).numpy(), atol=1e-6):
             return _wrong("you left out the temperature: multiply the cosines by logit_scale before the softmax.")
+        exp_taken = ("CLIP stores the logarithm of its logit scale, but the logit_scale given here (like "
+                     "models.clip.logit_scale) is the scale itself, 1/tau, about 100 for ViT-B/32: multiply the "
+                     "cosines by it as it is.")
+        if np.allclose(got, torch.softmax(math.exp(scale) * cos, dim=0).numpy(), atol=1e-6):
+            return _wrong(f"you took exp(logit_scale). {exp_taken}")
+        if not np.isfinite(got).all():
+            return _wrong("some scores are not finite (NaN or infinity). Did you take exp(logit_scale)? exp(100) "
+                          f"overflows float32. {exp_taken}")
         if np.allclose(got, (scale * cos).numpy(), atol=1e-6) or np.allclose(got, cos.numpy(), atol=1e-6):
             return _wrong("these are not normalised over the candidates: apply a softmax over the k values.")
         return _wrong(f"with logit_scale={scale} expected {np.round(want, 4).tolist()[:6]}..., "
