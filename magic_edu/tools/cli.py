@@ -553,10 +553,16 @@ def add_index_text_command(subparsers: Any) -> None:
                     "plus the captions): the index `magic-edu caption --decoder clip_retrieval --index` retrieves "
                     "from (the paper's CLIPRe baseline).")
     p.add_argument("captions", help="the captions: a .txt file (one a line) or a .json file in the paper's format")
-    p.add_argument("-o", "--out", required=True, metavar="INDEX.safetensors", help="the index file to write")
-    p.add_argument("--preset", default="toy", help="whose CLIP embeds them (default: toy); a folder works too")
-    p.add_argument("--batch-size", type=int, default=256, help="captions per CLIP forward (default 256)")
+    _add_index_options(p, "INDEX.safetensors", "captions", 256)
     p.set_defaults(func=run_index_text)
+
+
+def _add_index_options(p: argparse.ArgumentParser, metavar: str, items: str, batch_size: int) -> None:
+    """The options both index commands take: the file to write, whose CLIP, how many per forward."""
+    p.add_argument("-o", "--out", required=True, metavar=metavar, help="the index file to write")
+    p.add_argument("--preset", default="toy", help="whose CLIP embeds them (default: toy); a folder works too")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"{items} per CLIP forward (default {batch_size})")
 
 
 def run_index_text(args: argparse.Namespace) -> int:
@@ -578,9 +584,7 @@ def add_index_images_command(subparsers: Any) -> None:
                     "embeddings plus the images' paths): the index `magic-edu story TITLE --index` retrieves "
                     "the story's image from (the paper's story setup). Unreadable images are skipped.")
     p.add_argument("folder", help="the folder of images (searched recursively)")
-    p.add_argument("-o", "--out", required=True, metavar="IMAGES.safetensors", help="the index file to write")
-    p.add_argument("--preset", default="toy", help="whose CLIP embeds them (default: toy); a folder works too")
-    p.add_argument("--batch-size", type=int, default=64, help="images per CLIP forward (default 64)")
+    _add_index_options(p, "IMAGES.safetensors", "images", 64)
     p.add_argument("--no-recursive", dest="recursive", action="store_false", help="only FOLDER's own files")
     p.set_defaults(func=run_index_images)
 
